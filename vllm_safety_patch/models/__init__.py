@@ -1,0 +1,1 @@
+"""Base models: the default model's preparation, checkpoint reading, fingerprints."""
