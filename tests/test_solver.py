@@ -1,0 +1,183 @@
+"""The solver on tiny random models: closed-form maths, determinism, errors, direction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_safety_patch.errors import DataError, VSPError
+from vllm_safety_patch.solver.closed_form import (
+    LayerStatistics,
+    reduced_rank_ridge,
+    solve_layer,
+)
+from vllm_safety_patch.solver.pipeline import solve
+from vllm_safety_patch.solver.settings import DataSettings, SolveConfig, SolverSettings
+
+TINY_DATA = DataSettings(
+    multijail_ids=(0, 12), english_harmless=12, benign_per_language=4, mgsm_rows=(0, 4)
+)
+
+
+def tiny_config(**solver: object) -> SolveConfig:
+    settings = dict(layers=[0, 2], neurons_per_layer=16, rank=4, batch_size=32)
+    settings.update(solver)
+    return SolveConfig(
+        solver=SolverSettings(**settings),
+        data=TINY_DATA,
+        groups={"east-asian": ["zh", "ko"], "african": ["sw"], "all": ["zh", "ko", "sw"]},
+    )
+
+
+def _objective(update: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
+    return float(torch.trace(update @ gram @ update.T) - 2 * torch.trace(update @ cross.T))
+
+
+def _random_problem(seed: int, d: int = 12, k: int = 8, n: int = 40):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(k, n, generator=generator, dtype=torch.float64)
+    t = torch.randn(d, n, generator=generator, dtype=torch.float64)
+    return x @ x.T, t @ x.T
+
+
+def test_full_rank_solution_is_the_ridge_solution() -> None:
+    gram, cross = _random_problem(0)
+    update = reduced_rank_ridge(gram, cross, torch.zeros_like(gram), rank=8, ridge=0.0)
+    expected = cross @ torch.linalg.inv(gram)
+    assert torch.allclose(update.dense(), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_reduced_rank_beats_truncating_the_ridge_solution(rank: int) -> None:
+    gram, cross = _random_problem(rank)
+    gram = gram + torch.diag(torch.linspace(0.1, 50.0, gram.shape[0], dtype=torch.float64))
+    update = reduced_rank_ridge(gram, cross, torch.zeros_like(gram), rank=rank, ridge=0.0)
+    full = cross @ torch.linalg.inv(gram)
+    left, singular, right = torch.linalg.svd(full)
+    naive = left[:, :rank] @ torch.diag(singular[:rank]) @ right[:rank]
+    assert torch.linalg.matrix_rank(update.dense()) == rank
+    assert _objective(update.dense(), gram, cross) <= _objective(naive, gram, cross) + 1e-9
+
+
+def test_projection_leaves_benign_directions_untouched() -> None:
+    generator = torch.Generator().manual_seed(3)
+    k, d = 10, 6
+    benign_basis = torch.linalg.qr(torch.randn(k, 4, generator=generator, dtype=torch.float64))[0]
+    benign = benign_basis @ torch.randn(4, 200, generator=generator, dtype=torch.float64)
+    x = torch.randn(k, 50, generator=generator, dtype=torch.float64)
+    t = torch.randn(d, 50, generator=generator, dtype=torch.float64)
+    stats = LayerStatistics(x @ x.T, t @ x.T, benign @ benign.T, pairs=50, benign_tokens=200)
+    update = solve_layer(stats, rank=3, constraint="projection", null_space_energy=0.999)
+    assert update.dense().abs().max() > 1e-3  # it does something...
+    assert (update.dense() @ benign).abs().max() < 1e-8  # ...but nothing on benign inputs
+    penalty = solve_layer(stats, rank=3, constraint="penalty", benign_weight=100.0)
+    assert (penalty.dense() @ benign).norm() < (update.dense().norm() * benign.norm())
+
+
+def test_solve_is_deterministic_byte_for_byte(tiny_qwen2: Path) -> None:
+    config = tiny_config()
+    first = solve(tiny_qwen2, config, ["east-asian", "all"], "tiny")
+    second = solve(tiny_qwen2, config, ["east-asian", "all"], "tiny")
+    assert first.blobs == second.blobs
+    manifest = first.deltas["east-asian"].manifest
+    assert manifest.languages == ["zh", "ko"]
+    assert [t.name for t in manifest.tensors] == [
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+    ]
+    assert manifest.solver["rank"] == 4 and manifest.data_digests
+
+
+def _last_token_down_proj_input(model, tokenizer, text: str, layer: int) -> torch.Tensor:
+    captured = {}
+    module = model.model.layers[layer].mlp.down_proj
+    handle = module.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return captured["x"][0, -1].double()
+
+
+@pytest.mark.parametrize("architecture", ["tiny_qwen2", "tiny_llama"])
+def test_edit_moves_low_resource_outputs_toward_english_twins(
+    architecture: str, request: pytest.FixtureRequest
+) -> None:
+    """The fitted pairs' residual W(a_en - a_lr) - dW a_lr shrinks (first edited layer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_safety_patch.solver.prompts import gather_solve_data
+
+    model_dir: Path = request.getfixturevalue(architecture)
+    result = solve(model_dir, tiny_config(layers=[1], rank=8), ["all"], "tiny")
+    name = "model.layers.1.mlp.down_proj.weight"
+    edit = result.deltas["all"].edits[name]
+    assert edit.neurons.numel() == 16 and edit.B.shape == (64, 8) and edit.A.shape == (8, 16)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    weight = model.get_parameter(name).detach().double()
+    data = gather_solve_data(["zh", "ko", "sw"], TINY_DATA)
+    twins = {p.pair: p.text for p in data.english if p.role == "harmful_en"}
+    before = after = 0.0
+    for prompt in (p for p in data.others if p.role == "harmful_lr"):
+        low = _last_token_down_proj_input(model, tokenizer, prompt.text, 1)
+        english = _last_token_down_proj_input(model, tokenizer, twins[prompt.pair], 1)
+        target = weight @ (english - low)
+        before += float(target.norm() ** 2)
+        after += float((target - edit.update().double() @ low[edit.neurons]).norm() ** 2)
+    assert after < before
+
+
+def test_groups_compose_and_collisions_are_reported(tiny_qwen2: Path) -> None:
+    from vllm_safety_patch.delta.compose import find_collisions
+
+    result = solve(tiny_qwen2, tiny_config(), ["east-asian", "african"], "tiny")
+    collisions = find_collisions(list(result.deltas.values()))
+    # neurons come from English scoring, so groups share them: reported, per tensor
+    assert {c.tensor for c in collisions} == {
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+    }
+
+
+def test_unknown_group_is_refused(tiny_qwen2: Path) -> None:
+    with pytest.raises(VSPError, match="unknown group"):
+        solve(tiny_qwen2, tiny_config(), ["nordic"], "tiny")
+
+
+def test_layer_out_of_range_is_refused(tiny_qwen2: Path) -> None:
+    with pytest.raises(VSPError, match=r"layers \[7\] do not exist"):
+        solve(tiny_qwen2, tiny_config(layers=[7]), ["all"], "tiny")
+
+
+def test_language_without_pairs_is_refused(tiny_qwen2: Path) -> None:
+    config = tiny_config()
+    config.groups["japanese"] = ["ja"]  # PolyRefuse has ja, but polyrefuse_pairs is 0
+    with pytest.raises(DataError, match="no paired harmful data for language 'ja'"):
+        solve(tiny_qwen2, config, ["japanese"], "tiny")
+
+
+def test_unknown_language_in_config_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown language code 'xx'"):
+        SolveConfig(groups={"bad": ["xx"]})
+
+
+def test_model_without_gated_mlp_is_refused(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from vllm_safety_patch.models.tiny import _byte_tokenizer
+
+    tokenizer = _byte_tokenizer()
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer))
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(VSPError, match="no (gated MLP|model.layers)"):
+        solve(tmp_path, tiny_config(layers=[0]), ["all"], "tiny")

@@ -1,0 +1,111 @@
+"""Solver settings and language groups: one typed object, loaded from TOML, overridable."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vllm_safety_patch.errors import DataError, VSPError
+from vllm_safety_patch.languages import check_language
+
+
+class SolverSettings(BaseModel):
+    """How the edit is found and solved. Every field is recorded in the delta's manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] = Field(
+        default=[8, 11, 14, 17, 20], description="decoder layers whose down_proj is edited"
+    )
+    neurons_per_layer: int = Field(default=256, gt=0, description="safety neurons kept per layer")
+    rank: int = Field(default=32, gt=0, description="rank of each layer's update")
+    constraint: Literal["penalty", "projection"] = Field(
+        default="penalty",
+        description="benign preservation: weighted penalty, or exact null-space projection",
+    )
+    benign_weight: float = Field(default=1.0, ge=0, description="lambda of the penalty")
+    ridge: float = Field(default=1e-3, ge=0, description="ridge mu, relative to the pair trace")
+    null_space_energy: float = Field(
+        default=0.99, gt=0, lt=1, description="benign energy removed by the projection"
+    )
+    positions: int = Field(default=1, gt=0, description="trailing prompt tokens paired")
+    sequential: bool = Field(
+        default=True,
+        description="solve layers in order, each on activations edited by the joint "
+        "('all') update of the layers before it",
+    )
+    batch_size: int = Field(default=16, gt=0)
+    max_prompt_tokens: int = Field(default=256, gt=8)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, value: list[int]) -> list[int]:
+        if not value or len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError("layers must be distinct non-negative layer indices")
+        return sorted(value)
+
+
+class DataSettings(BaseModel):
+    """Which development rows the solver fits on (the rest stay held out for evaluation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    multijail_ids: tuple[int, int] = Field(
+        default=(0, 160), description="[start, stop) MultiJail ids used for pairs"
+    )
+    polyrefuse_pairs: int = Field(
+        default=0, ge=0, description="PolyRefuse harmful train rows added as pairs, per language"
+    )
+    english_harmless: int = Field(
+        default=200, ge=1, description="PolyRefuse harmless train (en) rows for neuron scoring"
+    )
+    benign_per_language: int = Field(
+        default=30, ge=0, description="PolyRefuse harmless train rows per language (constraint)"
+    )
+    mgsm_rows: tuple[int, int] = Field(
+        default=(0, 30), description="[start, stop) MGSM rows per language (constraint)"
+    )
+
+
+class SolveConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    solver: SolverSettings = SolverSettings()
+    data: DataSettings = DataSettings()
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, languages in value.items():
+            if not languages:
+                raise ValueError(f"group '{name}' has no languages")
+            for code in languages:
+                if code == "en":
+                    raise ValueError(f"group '{name}': English is the target, not a source")
+                try:
+                    check_language(code)
+                except DataError as error:
+                    raise ValueError(f"group '{name}': {error}") from None
+        return value
+
+
+def load_solve_config(path: str | Path) -> SolveConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise VSPError(f"no solver config at {path}", "pass --config deltas/solve.toml") from None
+    except tomllib.TOMLDecodeError as error:
+        raise VSPError(f"{path} is not valid TOML ({error})", "fix the syntax") from None
+    try:
+        return SolveConfig.model_validate(raw)
+    except ValidationError as error:
+        issues = "; ".join(
+            f"{'.'.join(str(p) for p in issue['loc'])}: {issue['msg']}" for issue in error.errors()
+        )
+        raise VSPError(f"{path}: invalid solver config ({issues})", "fix the named keys") from None
