@@ -32,9 +32,15 @@ def random_edit(
     neuron_dim = in_dim if axis == "columns" else out_dim
     neurons = torch.randperm(neuron_dim, generator=generator)[:k]
     if axis == "columns":
-        left, right = torch.randn(out_dim, rank, generator=generator), torch.randn(rank, k)
+        left, right = (
+            torch.randn(out_dim, rank, generator=generator),
+            torch.randn(rank, k, generator=generator),
+        )
     else:
-        left, right = torch.randn(k, rank, generator=generator), torch.randn(rank, in_dim)
+        left, right = (
+            torch.randn(k, rank, generator=generator),
+            torch.randn(rank, in_dim, generator=generator),
+        )
     return TensorEdit.build(name, (out_dim, in_dim), axis, neurons, left * 0.1, right * 0.1)
 
 

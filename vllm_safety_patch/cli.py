@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from vllm_safety_patch.config import default_model_dir
 from vllm_safety_patch.errors import ModelPrepareError, VSPError
@@ -35,7 +36,7 @@ ModelOption = Annotated[
 
 def _fail(error: VSPError) -> None:
     # One line, no traceback: the message already names the problem and the fix.
-    error_console.print(f"[bold red]error:[/] {error}", soft_wrap=True, highlight=False)
+    error_console.print(Text("error: ", style="bold red") + Text(str(error)), soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -84,8 +85,8 @@ def model_prepare(
             progress.stop()
             _fail(error)
     state = "prepared" if prepared.prepared_seconds else "already prepared"
-    console.print(f"{state}: {prepared.path}")
-    console.print(f"fingerprint: {prepared.fingerprint}")
+    console.print(f"{state}: {prepared.path}", markup=False, soft_wrap=True)
+    console.print(f"fingerprint: {prepared.fingerprint}", markup=False)
     if prepared.prepared_seconds:
         console.print(f"took {prepared.prepared_seconds:.0f} s")
 
@@ -110,7 +111,7 @@ def model_info(
         print(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        console.print(f"[bold]{key}[/]: {value}", highlight=False)
+        console.print(f"{key}: {value}", markup=False, highlight=False)
 
 
 @app.command("inspect")
@@ -130,27 +131,46 @@ def inspect(
         print(json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False))
         return
     base = manifest.base_model
-    console.print(f"[bold]{file}[/]  group [cyan]{manifest.group}[/]  sha256 {delta.sha256[:12]}")
-    console.print(f"languages: {', '.join(manifest.languages)}")
-    console.print(f"base model: {base.id} ({base.architecture}), fingerprint {base.fingerprint}")
+    # Manifest strings are data: print them with markup off, and tables from Text cells.
+    plain = {"markup": False, "highlight": False}
+    console.print(f"{file}  group {manifest.group}  sha256 {delta.sha256[:12]}", **plain)
+    console.print(f"languages: {', '.join(manifest.languages)}", **plain)
     console.print(
-        f"{len(manifest.tensors)} tensors, {manifest.neuron_count} neurons, rank ≤ {manifest.rank}"
+        f"base model: {base.id} ({base.architecture}), fingerprint {base.fingerprint}", **plain
+    )
+    console.print(
+        f"{len(manifest.tensors)} tensors, {manifest.neuron_count} neurons, rank ≤ {manifest.rank}",
+        **plain,
     )
     table = Table("tensor", "shape", "axis", "neurons", "rank")
     for tensor in manifest.tensors:
         table.add_row(
-            tensor.name, str(list(tensor.shape)), tensor.axis, str(tensor.neurons), str(tensor.rank)
+            *_cells(tensor.name, list(tensor.shape), tensor.axis, tensor.neurons, tensor.rank)
         )
     console.print(table)
     if manifest.solver:
-        console.print(f"solver: {json.dumps(manifest.solver, sort_keys=True)}", highlight=False)
+        console.print(f"solver: {json.dumps(manifest.solver, sort_keys=True)}", **plain)
     if manifest.measured_effect:
-        effect = Table("metric", "suite", "lang", "n", "before", "after", title="measured effect")
+        effect = Table(
+            "metric", "suite", "lang", "split", "n", "before", "after", title="measured effect"
+        )
         for row in manifest.measured_effect:
             effect.add_row(
-                row.metric, row.suite, row.lang, str(row.n), f"{row.before:.3f}", f"{row.after:.3f}"
+                *_cells(
+                    row.metric,
+                    row.suite,
+                    row.lang,
+                    row.split,
+                    row.n,
+                    f"{row.before:.3f}",
+                    f"{row.after:.3f}",
+                )
             )
         console.print(effect)
+
+
+def _cells(*values: object) -> list[Text]:
+    return [Text(str(value)) for value in values]
 
 
 @app.command("verify")
@@ -172,7 +192,7 @@ def verify(
 
     collisions = find_collisions(deltas)
     for collision in collisions:
-        console.print(f"[yellow]overlap:[/] {collision.describe()}", highlight=False)
+        console.print(f"overlap: {collision.describe()}", style="yellow", markup=False)
     if collisions:
         console.print(
             "[yellow]overlapping deltas add up where they overlap; to serve several "
@@ -180,9 +200,11 @@ def verify(
         )
     for delta in deltas:
         console.print(
-            f"[green]ok[/] {delta.source}: '{delta.group}' matches {checkpoint.path} "
+            f"ok {delta.source}: '{delta.group}' matches {checkpoint.path} "
             f"(fingerprint {delta.manifest.base_model.fingerprint[:12]})",
+            markup=False,
             highlight=False,
+            soft_wrap=True,  # one line per delta, for scripts
         )
 
 
@@ -202,7 +224,7 @@ def apply(
         path = write_merged_checkpoint(Checkpoint(_model_path(model)), deltas, out)
     except VSPError as error:
         _fail(error)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False, soft_wrap=True)
 
 
 @app.command("solve")
@@ -250,6 +272,67 @@ def solve_command(
         f"total {timings.total_seconds:.1f} s",
         highlight=False,
     )
+
+
+@app.command("measure")
+def measure_command(
+    files: Annotated[list[Path], typer.Argument(help="delta .safetensors file(s)")],
+    model: ModelOption = None,
+    write: Annotated[
+        bool, typer.Option(help="store the figures in each delta's manifest (measured_effect)")
+    ] = True,
+    samples: Annotated[
+        Path | None, typer.Option(help="folder for the raw replies (JSON), to read by eye")
+    ] = None,
+    harmless_val: Annotated[int, typer.Option(help="PolyRefuse harmless val rows per lang")] = 20,
+    mgsm_rows: Annotated[str, typer.Option(help="held-out MGSM rows START-STOP")] = "170-200",
+    batch_size: Annotated[int, typer.Option(help="generation batch size")] = 16,
+) -> None:
+    """Measure each delta on held-out rows (refusal, over-refusal, MGSM), before vs after."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
+    from vllm_safety_patch.delta.io import write_delta
+    from vllm_safety_patch.eval.effect import EffectSettings, effect_jobs, measure_effect, run_jobs
+    from vllm_safety_patch.models.checkpoint import Checkpoint
+
+    start, stop = (int(part) for part in mgsm_rows.split("-"))
+    settings = EffectSettings(
+        harmless_val=harmless_val, mgsm_rows=(start, stop), batch_size=batch_size
+    )
+    try:
+        deltas = [read_delta(file) for file in files]
+        model_dir = _model_path(model)
+        verify_against_checkpoint(deltas, Checkpoint(model_dir))
+    except VSPError as error:
+        _fail(error)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    languages = sorted({lang for delta in deltas for lang in delta.manifest.languages})
+    console.print(f"baseline on {', '.join(['en', *languages])}", highlight=False)
+    baseline = run_jobs(hf_model, tokenizer, effect_jobs(languages, settings), settings)
+    for delta, file in zip(deltas, files, strict=True):
+        rows, before, after = measure_effect(
+            hf_model, tokenizer, [delta], delta.manifest.languages, settings, baseline=baseline
+        )
+        table = Table("metric", "lang", "n", "before", "after", title=f"{delta.group}")
+        for row in rows:
+            table.add_row(
+                *_cells(row.metric, row.lang, row.n, f"{row.before:.3f}", f"{row.after:.3f}")
+            )
+        console.print(table)
+        if samples:
+            samples.mkdir(parents=True, exist_ok=True)
+            dump = {
+                "|".join(key): {"before": before[key][1], "after": after[key][1]} for key in after
+            }
+            (samples / f"{delta.group}.json").write_text(
+                json.dumps(dump, ensure_ascii=False, indent=1)
+            )
+        if write:
+            manifest = delta.manifest.model_copy(update={"measured_effect": rows})
+            write_delta(file, manifest, delta.edits)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m`

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.delta.merge import edit_weight, edits_by_tensor
 from vllm_safety_patch.delta.verify import verify_against_checkpoint
+from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.models.checkpoint import Checkpoint
 from vllm_safety_patch.models.default_model import MARKER as BASE_MARKER
 
@@ -23,8 +24,18 @@ def write_merged_checkpoint(
     checkpoint: Checkpoint, deltas: Sequence[Delta], out_dir: str | Path
 ) -> Path:
     """Verify every delta, then write ``out_dir`` whole (staging folder + rename)."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir == checkpoint.path.resolve():
+        raise VSPError(
+            f"--out {out_dir} is the base checkpoint itself",
+            "write the edited checkpoint to a new folder; the base must stay intact",
+        )
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGED_MARKER).is_file():
+        raise VSPError(
+            f"--out {out_dir} exists and is not an edited checkpoint written by vsp",
+            "choose a new or empty folder (vsp only replaces folders it wrote itself)",
+        )
     verify_against_checkpoint(deltas, checkpoint)
-    out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

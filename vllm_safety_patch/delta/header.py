@@ -62,7 +62,7 @@ def parse_header(blob: bytes, file_size: int, source: str = "delta") -> Safetens
         raise _fail(source, "truncated inside the header")
     try:
         header = json.loads(blob[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise _fail(source, "not a safetensors file (header is not UTF-8 JSON)") from None
     if not isinstance(header, dict):
         raise _fail(source, "not a safetensors file (header is not a JSON object)")
@@ -97,7 +97,7 @@ def _parse_entry(source: str, name: str, entry: object, data_size: int) -> Tenso
     if not isinstance(entry, dict):
         raise _fail(source, f"tensor '{name}' has no dtype/shape/offsets record")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise _fail(source, f"tensor '{name}' has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape

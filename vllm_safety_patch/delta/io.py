@@ -98,6 +98,11 @@ def _check_edit(source: str, spec: EditedTensor, parts: dict[str, torch.Tensor])
                 f"{source}: {spec.name}:{part_name} holds {bad} NaN/Inf values",
                 "the solve diverged: re-run 'vsp solve' with a larger ridge/penalty",
             )
+    if not torch.isfinite(left @ right).all():  # finite factors can still overflow
+        raise DeltaFormatError(
+            f"{source}: {spec.name}: B @ A overflows to Inf (factors too large)",
+            "the solve diverged: re-run 'vsp solve' with a larger ridge/penalty",
+        )
     neuron_dim = spec.shape[1] if spec.axis == "columns" else spec.shape[0]
     if neurons.numel() and (int(neurons.min()) < 0 or int(neurons.max()) >= neuron_dim):
         raise DeltaFormatError(

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vllm_safety_patch import __version__
 from vllm_safety_patch.errors import DataError, DeltaFormatError
 from vllm_safety_patch.languages import check_language
+from vllm_safety_patch.models.fingerprint import ARCHITECTURE_KEYS
 
 FORMAT_NAME = "vsp-delta"
 FORMAT_VERSION = 1
@@ -64,6 +65,16 @@ class BaseModelRef(_Strict):
         description="the config.json keys the fingerprint covers"
     )
 
+    @model_validator(mode="after")
+    def _architecture_recorded(self) -> BaseModelRef:
+        missing = [key for key in ARCHITECTURE_KEYS if key not in self.architecture_config]
+        if missing:
+            raise ValueError(f"architecture_config lacks {', '.join(missing)}")
+        recorded = self.architecture_config.get("architectures") or [None]
+        if recorded[0] != self.architecture:
+            raise ValueError(f"architecture {self.architecture!r} is not architectures[0]")
+        return self
+
     @field_validator("fingerprint")
     @classmethod
     def _hex(cls, value: str) -> str:
@@ -82,6 +93,14 @@ class EffectRow(_Strict):
     n: int = Field(ge=0)
     before: float
     after: float
+
+    @field_validator("lang")
+    @classmethod
+    def _lang(cls, value: str) -> str:
+        try:
+            return check_language(value)
+        except DataError as error:
+            raise ValueError(str(error)) from None
 
 
 class DeltaManifest(_Strict):
@@ -145,9 +164,14 @@ class DeltaManifest(_Strict):
     def from_json(cls, text: str, source: str) -> DeltaManifest:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, huge ints, nesting
+            detail = (
+                f"{error.msg} at char {error.pos}"
+                if isinstance(error, json.JSONDecodeError)
+                else type(error).__name__
+            )
             raise DeltaFormatError(
-                f"{source}: the manifest is not valid JSON ({error.msg} at char {error.pos})",
+                f"{source}: the manifest is not valid JSON ({detail})",
                 "regenerate the delta with 'vsp solve'; do not edit the manifest by hand",
             ) from None
         try:

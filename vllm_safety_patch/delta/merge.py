@@ -1,8 +1,8 @@
 """Base weight + deltas -> edited weight. The one merge every applier uses.
 
 The sum is formed in float32 and cast to the base dtype once, in a fixed order (deltas sorted
-by group name), so the loader, the exported checkpoint and the hot-patch path produce the
-same bytes from the same inputs.
+by group name, then file digest), so the loader, the exported checkpoint and the hot-patch
+path produce the same bytes from the same inputs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def edit_weight(weight: torch.Tensor, edits: Sequence[TensorEdit]) -> torch.Tens
 def edits_by_tensor(deltas: Iterable[Delta]) -> dict[str, list[TensorEdit]]:
     """Group the edits of several deltas by tensor name, in the canonical order."""
     grouped: dict[str, list[TensorEdit]] = {}
-    for delta in sorted(deltas, key=lambda item: item.group):
+    for delta in sorted(deltas, key=lambda item: (item.group, item.sha256)):
         for name, edit in delta.edits.items():
             grouped.setdefault(name, []).append(edit)
     return grouped

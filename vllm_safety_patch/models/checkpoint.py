@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from vllm_safety_patch.errors import DeltaMismatchError
 
@@ -23,7 +23,14 @@ class Checkpoint:
                 "pass the folder of an HF safetensors checkpoint, "
                 "or run 'vsp model prepare' for the default model",
             )
-        self.config: dict = json.loads(config_file.read_text())
+        try:
+            self.config: dict = json.loads(config_file.read_text())
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            raise DeltaMismatchError(
+                f"{config_file} is not valid JSON",
+                "repair or re-create the checkpoint (for the default model: "
+                "'vsp model prepare --force')",
+            ) from None
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise DeltaMismatchError(
@@ -34,12 +41,19 @@ class Checkpoint:
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, str] = {}
         for file in files:
-            with safe_open(file, framework="pt") as handle:
-                for name in handle.keys():
-                    tensor_slice = handle.get_slice(name)
-                    self._file_of[name] = file
-                    self._shape[name] = tuple(tensor_slice.get_shape())
-                    self._dtype[name] = tensor_slice.get_dtype()
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    for name in handle.keys():
+                        tensor_slice = handle.get_slice(name)
+                        self._file_of[name] = file
+                        self._shape[name] = tuple(tensor_slice.get_shape())
+                        self._dtype[name] = tensor_slice.get_dtype()
+            except (SafetensorError, OSError) as error:
+                raise DeltaMismatchError(
+                    f"{file} is not a readable safetensors file ({error})",
+                    "repair or re-create the checkpoint (for the default model: "
+                    "'vsp model prepare --force')",
+                ) from None
 
     def tensor_names(self) -> list[str]:
         return sorted(self._file_of)

@@ -23,8 +23,8 @@ TINY_SIZES = dict(
     hidden_size=64,
     intermediate_size=192,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=2,  # head_dim 32: the smallest vLLM's CPU attention supports
+    num_key_value_heads=1,
     max_position_embeddings=512,
 )
 
