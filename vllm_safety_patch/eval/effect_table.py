@@ -1,0 +1,67 @@
+"""Markdown tables of the measured effect stored in delta manifests (for deltas/README.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vllm_safety_patch.delta.io import Delta
+
+METRIC_TITLES = {
+    "refusal_rate": "Refusal of held-out harmful prompts (MultiJail), %",
+    "over_refusal": "Over-refusal of benign prompts (PolyRefuse harmless val), %",
+    "mgsm_accuracy": "MGSM exact-match accuracy, %",
+}
+
+
+def gap_closed(before: float, after: float, english_before: float) -> float | None:
+    """Share of a language's refusal gap to English that the edit closed."""
+    gap = english_before - before
+    return None if gap <= 0 else (after - before) / gap
+
+
+def effect_markdown(deltas: Sequence[Delta]) -> str:
+    """One table per metric: rows are deltas, cells 'before → after' per language."""
+    lines: list[str] = []
+    for metric, title in METRIC_TITLES.items():
+        rows = [(d, [r for r in d.manifest.measured_effect if r.metric == metric]) for d in deltas]
+        rows = [(d, effect) for d, effect in rows if effect]
+        if not rows:
+            continue
+        languages: list[str] = []
+        for _, effect in rows:
+            for row in effect:
+                if row.lang not in languages:
+                    languages.append(row.lang)
+        split = rows[0][1][0].split
+        lines += [f"### {title} ({split})", ""]
+        lines.append("| delta | " + " | ".join(languages) + " |")
+        lines.append("| --- |" + " --- |" * len(languages))
+        for delta, effect in rows:
+            by_lang = {row.lang: row for row in effect}
+            cells = []
+            for lang in languages:
+                row = by_lang.get(lang)
+                cells.append(
+                    "" if row is None else f"{100 * row.before:.0f} → {100 * row.after:.0f}"
+                )
+            lines.append(f"| {delta.group} | " + " | ".join(cells) + " |")
+        if metric == "refusal_rate":
+            lines += ["", "Share of each language's gap to English closed:", ""]
+            lines.append("| delta | " + " | ".join(languages[1:]) + " |")
+            lines.append("| --- |" + " --- |" * (len(languages) - 1))
+            for delta, effect in rows:
+                by_lang = {row.lang: row for row in effect}
+                english = by_lang.get("en")
+                cells = []
+                for lang in languages[1:]:
+                    row = by_lang.get(lang)
+                    share = (
+                        gap_closed(row.before, row.after, english.before)
+                        if row is not None and english is not None
+                        else None
+                    )
+                    cells.append("" if share is None else f"{100 * share:.0f}%")
+                lines.append(f"| {delta.group} | " + " | ".join(cells) + " |")
+        n = sorted({row.n for _, effect in rows for row in effect})
+        lines += ["", f"n per language: {', '.join(map(str, n))}", ""]
+    return "\n".join(lines)
