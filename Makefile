@@ -1,7 +1,7 @@
 # Entry points a newcomer needs. Every target sets up first (fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup run test lint format
+.PHONY: setup run test lint format deltas
 
 setup:
 	bash scripts/setup.sh
@@ -22,3 +22,11 @@ format:
 
 test: lint
 	$(PY) -m pytest -q
+
+# Regenerate the shipped deltas of the default model from deltas/solve.toml, measure them on
+# held-out rows (figures go into each manifest) and print the effect tables for the README.
+DELTA_DIR := deltas/qwen2.5-coder-0.5b-instruct
+deltas: setup
+	.venv/bin/vsp solve --config deltas/solve.toml --out $(DELTA_DIR)
+	.venv/bin/vsp measure $(DELTA_DIR)/*.safetensors --samples build/samples
+	$(PY) -m vllm_safety_patch.eval.effect_table $(DELTA_DIR)

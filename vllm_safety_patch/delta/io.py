@@ -208,6 +208,9 @@ def write_delta(path: str | Path, manifest: DeltaManifest, edits: dict[str, Tens
     try:
         with os.fdopen(handle, "wb") as temp_file:
             temp_file.write(blob)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes 0600; a delta is a shared file
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

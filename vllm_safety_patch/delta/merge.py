@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from vllm_safety_patch.delta.io import Delta, TensorEdit
+from vllm_safety_patch.errors import VSPError
 
 
 def edit_weight(weight: torch.Tensor, edits: Sequence[TensorEdit]) -> torch.Tensor:
@@ -31,8 +32,23 @@ def edit_weight(weight: torch.Tensor, edits: Sequence[TensorEdit]) -> torch.Tens
     return result.to(dtype=weight.dtype, device=weight.device)
 
 
+def check_distinct(deltas: Iterable[Delta]) -> None:
+    """The same delta (or two of one group) given twice would be applied twice: refuse."""
+    seen: dict[str, Delta] = {}
+    for delta in deltas:
+        for key in (f"sha256:{delta.sha256}", f"group:{delta.group}"):
+            if key in seen:
+                raise VSPError(
+                    f"delta '{delta.group}' is given twice ({seen[key].source} and {delta.source})",
+                    "pass each delta set once; one group per delta set",
+                )
+            seen[key] = delta
+
+
 def edits_by_tensor(deltas: Iterable[Delta]) -> dict[str, list[TensorEdit]]:
     """Group the edits of several deltas by tensor name, in the canonical order."""
+    deltas = list(deltas)
+    check_distinct(deltas)
     grouped: dict[str, list[TensorEdit]] = {}
     for delta in sorted(deltas, key=lambda item: (item.group, item.sha256)):
         for name, edit in delta.edits.items():

@@ -65,3 +65,19 @@ def effect_markdown(deltas: Sequence[Delta]) -> str:
         n = sorted({row.n for _, effect in rows for row in effect})
         lines += ["", f"n per language: {', '.join(map(str, n))}", ""]
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m vllm_safety_patch.eval.effect_table DIR``: print the tables of DIR's deltas."""
+    import sys
+    from pathlib import Path
+
+    from vllm_safety_patch.delta.io import read_delta
+
+    folder = Path((argv or sys.argv[1:])[0])
+    deltas = [read_delta(path) for path in sorted(folder.glob("*.safetensors"))]
+    print(effect_markdown(deltas))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""vLLM integration. Only this sub-package imports vLLM internals."""
+
+
+def register() -> None:
+    """vLLM general-plugin entry point: zero-argument and idempotent (runs in every process)."""
+    from vllm_safety_patch.vllm_plugin.loader import register_loader
+
+    register_loader()
