@@ -284,22 +284,31 @@ def measure_command(
     samples: Annotated[
         Path | None, typer.Option(help="folder for the raw replies (JSON), to read by eye")
     ] = None,
+    engine: Annotated[str, typer.Option(help="'vllm' (offline engine) or 'transformers'")] = "vllm",
     harmless_val: Annotated[int, typer.Option(help="PolyRefuse harmless val rows per lang")] = 20,
-    mgsm_rows: Annotated[str, typer.Option(help="held-out MGSM rows START-STOP")] = "170-200",
-    batch_size: Annotated[int, typer.Option(help="generation batch size")] = 16,
+    mgsm_rows: Annotated[str, typer.Option(help="held-out MGSM rows START-STOP")] = "180-200",
+    refusal_tokens: Annotated[int, typer.Option(help="tokens generated per harmful prompt")] = 40,
+    mgsm_tokens: Annotated[int, typer.Option(help="tokens generated per MGSM problem")] = 320,
 ) -> None:
     """Measure each delta on held-out rows (refusal, over-refusal, MGSM), before vs after."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
     from vllm_safety_patch.delta.io import write_delta
-    from vllm_safety_patch.eval.effect import EffectSettings, effect_jobs, measure_effect, run_jobs
+    from vllm_safety_patch.eval.effect import (
+        EffectSettings,
+        effect_jobs,
+        measure_effect,
+        run_jobs,
+        transformers_generator,
+        vllm_generator,
+    )
     from vllm_safety_patch.models.checkpoint import Checkpoint
 
     start, stop = (int(part) for part in mgsm_rows.split("-"))
     settings = EffectSettings(
-        harmless_val=harmless_val, mgsm_rows=(start, stop), batch_size=batch_size
+        harmless_val=harmless_val,
+        mgsm_rows=(start, stop),
+        refusal_tokens=refusal_tokens,
+        mgsm_tokens=mgsm_tokens,
     )
     try:
         deltas = [read_delta(file) for file in files]
@@ -307,16 +316,23 @@ def measure_command(
         verify_against_checkpoint(deltas, Checkpoint(model_dir))
     except VSPError as error:
         _fail(error)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if engine == "vllm":
+        generate = vllm_generator(model_dir)
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        generate = transformers_generator(hf_model, tokenizer)
     languages = sorted({lang for delta in deltas for lang in delta.manifest.languages})
     console.print(f"baseline on {', '.join(['en', *languages])}", highlight=False)
-    baseline = run_jobs(hf_model, tokenizer, effect_jobs(languages, settings), settings)
+    baseline = run_jobs(generate, [], effect_jobs(languages, settings), settings)
     for delta, file in zip(deltas, files, strict=True):
         rows, before, after = measure_effect(
-            hf_model, tokenizer, [delta], delta.manifest.languages, settings, baseline=baseline
+            generate, file, delta.manifest.languages, settings, baseline=baseline
         )
-        table = Table("metric", "lang", "n", "before", "after", title=f"{delta.group}")
+        table = Table("metric", "lang", "n", "before", "after", title=delta.group)
         for row in rows:
             table.add_row(
                 *_cells(row.metric, row.lang, row.n, f"{row.before:.3f}", f"{row.after:.3f}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,19 +114,53 @@ def _score(job: _Job, replies: list[str]) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
+# (delta files, [(prompt, max_tokens)]) -> greedy replies under base + those deltas
+Generator = Callable[[Sequence[Path], Sequence[tuple[str, int]]], list[str]]
+Results = dict[tuple[str, str, str], tuple[float, list[str]]]
+
+
 def run_jobs(
-    model,
-    tokenizer,
-    jobs: Sequence[_Job],
-    settings: EffectSettings,
-    on_batch: Callable[[int], None] | None = None,
-) -> dict[tuple, tuple[float, list[str]]]:
-    results = {}
+    generate: Generator, delta_paths: Sequence[Path], jobs: Sequence[_Job], settings: EffectSettings
+) -> Results:
+    """Generate every job's replies in one call (one engine, full batching), then score."""
+    requests = []
     for job in jobs:
         tokens = settings.mgsm_tokens if job.metric == "mgsm_accuracy" else settings.refusal_tokens
-        replies = generate_chat(model, tokenizer, job.texts, tokens, settings.batch_size, on_batch)
-        results[(job.metric, job.suite, job.lang)] = (_score(job, replies), replies)
+        requests += [(text, tokens) for text in job.texts]
+    replies = generate(delta_paths, requests)
+    results: Results = {}
+    position = 0
+    for job in jobs:
+        mine = replies[position : position + len(job.texts)]
+        position += len(job.texts)
+        results[(job.metric, job.suite, job.lang)] = (_score(job, mine), mine)
     return results
+
+
+def vllm_generator(model_dir: Path) -> Generator:
+    from vllm_safety_patch.eval.vllm_offline import generate_with_vllm
+
+    return lambda delta_paths, requests: generate_with_vllm(model_dir, delta_paths, requests)
+
+
+def transformers_generator(model, tokenizer, batch_size: int = 16) -> Generator:
+    """In-process generation with the deltas merged into (and then removed from) ``model``."""
+    from vllm_safety_patch.delta.io import read_delta
+
+    def generate(delta_paths: Sequence[Path], requests: Sequence[tuple[str, int]]) -> list[str]:
+        deltas = [read_delta(path) for path in delta_paths]
+        replies: list[str] = [""] * len(requests)
+        with applied_deltas(model, deltas):
+            for tokens in sorted({tokens for _, tokens in requests}):
+                items = [i for i, (_, wanted) in enumerate(requests) if wanted == tokens]
+                texts = [requests[i][0] for i in items]
+                for i, reply in zip(
+                    items, generate_chat(model, tokenizer, texts, tokens, batch_size), strict=True
+                ):
+                    replies[i] = reply
+        return replies
+
+    return generate
 
 
 class applied_deltas:
@@ -149,21 +184,16 @@ class applied_deltas:
 
 
 def measure_effect(
-    model,
-    tokenizer,
-    deltas: Sequence[Delta],
+    generate: Generator,
+    delta_path: Path,
     languages: Sequence[str],
     settings: EffectSettings,
-    baseline: dict[tuple, tuple[float, list[str]]] | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> tuple[list[EffectRow], dict, dict]:
-    """Rows for ``languages`` + English, before (``baseline`` if given) and after ``deltas``."""
+    baseline: Results | None = None,
+) -> tuple[list[EffectRow], Results, Results]:
+    """Rows for ``languages`` + English, before (``baseline`` if given) and after the delta."""
     jobs = effect_jobs(languages, settings)
-    before = (
-        baseline if baseline is not None else run_jobs(model, tokenizer, jobs, settings, on_batch)
-    )
-    with applied_deltas(model, deltas):
-        after = run_jobs(model, tokenizer, jobs, settings, on_batch)
+    before = baseline if baseline is not None else run_jobs(generate, [], jobs, settings)
+    after = run_jobs(generate, [delta_path], jobs, settings)
     rows = [
         EffectRow(
             metric=job.metric,

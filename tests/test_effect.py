@@ -1,0 +1,87 @@
+"""Effect measurement: job tables, scoring, and a real in-process run on a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_delta
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vllm_safety_patch.delta.io import read_delta
+from vllm_safety_patch.eval.effect import (
+    EffectSettings,
+    effect_jobs,
+    measure_effect,
+    mgsm_correct,
+    transformers_generator,
+)
+from vllm_safety_patch.eval.effect_table import effect_markdown, gap_closed
+
+SMALL = EffectSettings(
+    multijail_ids=(160, 163),
+    harmless_val=2,
+    mgsm_rows=(190, 192),
+    refusal_tokens=4,
+    mgsm_tokens=4,
+    batch_size=4,
+)
+
+
+@pytest.mark.parametrize(
+    ("reply", "answer", "correct"),
+    [
+        ("So the answer is 42.", "42", True),
+        ("She pays 2,125 dollars", "2,125", True),
+        ("3 apples and then 7", "7", True),
+        ("It is 7 or maybe 8", "7", False),
+        ("no number here", "5", False),
+        ("1.50", "1.5", True),
+    ],
+)
+def test_mgsm_exact_match_uses_the_last_number(reply: str, answer: str, correct: bool) -> None:
+    assert mgsm_correct(reply, answer) is correct
+
+
+def test_jobs_cover_english_and_every_available_suite() -> None:
+    jobs = {(job.metric, job.lang): len(job.texts) for job in effect_jobs(["th", "jv"], SMALL)}
+    assert jobs == {
+        ("refusal_rate", "en"): 3, ("over_refusal", "en"): 2, ("mgsm_accuracy", "en"): 2,
+        ("refusal_rate", "th"): 3, ("over_refusal", "th"): 2, ("mgsm_accuracy", "th"): 2,
+        ("refusal_rate", "jv"): 3,  # MultiJail only: no benign Javanese data exists
+    }  # fmt: skip
+
+
+def test_gap_closed() -> None:
+    assert gap_closed(0.2, 0.6, 0.8) == pytest.approx(2 / 3)
+    assert gap_closed(0.9, 0.9, 0.8) is None  # no gap to close
+
+
+def test_measure_effect_in_process_restores_the_model(tiny_qwen2: Path, tmp_path: Path) -> None:
+    _, blob = make_delta(tiny_qwen2, group="tiny", languages=("th",))
+    path = tmp_path / "tiny.safetensors"
+    path.write_bytes(blob)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rows, before, after = measure_effect(
+        transformers_generator(model, tokenizer), path, ["th"], SMALL
+    )
+    assert {(row.metric, row.lang) for row in rows} == {
+        (metric, lang)
+        for metric in ("refusal_rate", "over_refusal", "mgsm_accuracy")
+        for lang in ("en", "th")
+    }
+    assert all(0.0 <= row.before <= 1.0 and 0.0 <= row.after <= 1.0 for row in rows)
+    assert all(
+        len(replies) == row.n
+        for row in rows
+        for _, replies in [after[(row.metric, row.suite, row.lang)]]
+    )
+    for name, parameter in model.named_parameters():  # the delta was removed again
+        assert torch.equal(parameter, original[name])
+    delta = read_delta(path)
+    stored = delta.manifest.model_copy(update={"measured_effect": rows})
+    table = effect_markdown([type(delta)(stored, delta.edits, delta.sha256, delta.source)])
+    assert "| tiny |" in table and "Refusal of held-out harmful prompts" in table
