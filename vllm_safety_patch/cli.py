@@ -351,6 +351,12 @@ def measure_command(
             write_delta(file, manifest, delta.edits)
 
 
+# `vsp serve` and `vsp deltas list|activate` live with the server code.
+from vllm_safety_patch.server.cli import add_serving_commands  # noqa: E402
+
+add_serving_commands(app)
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m`
     app(prog_name="vsp")
 

@@ -1,0 +1,246 @@
+"""``vsp serve``: vLLM's OpenAI-compatible server with the safety deltas merged at load.
+
+:func:`build_launch` turns the options into the exact command line and environment (pure,
+testable); :func:`exec_launch` replaces this process with it, so signals reach vLLM directly.
+The delta choice (``--deltas`` or ``VSP_DELTAS``) is checked here first, in seconds, rather
+than by the loader after a minute of engine start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_safety_patch.config import DEFAULT_MODEL_NAME, default_model_dir, repo_deltas_dir
+from vllm_safety_patch.errors import ModelPrepareError, VSPError
+from vllm_safety_patch.server.state import (
+    DELTA_DIR_VAR,
+    DELTA_SUFFIX,
+    TOKEN_FILE_VAR,
+    TOKEN_VAR,
+    check_name,
+    read_admin_token,
+)
+
+# `python -m` on the API server module: the `vllm` console script fails on CPU builds.
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+GENERAL_PLUGIN = "vllm_safety_patch"
+ENDPOINT_PLUGIN = "vllm_safety_patch_server"
+DELTAS_VAR = "VSP_DELTAS"
+DEFAULT_DELTAS = "all"
+# vLLM's own general plugins, kept in the allow-list only when their settings are present.
+VLLM_OPTIONAL_PLUGINS = {
+    "lora_filesystem_resolver": "VLLM_LORA_RESOLVER_CACHE_DIR",
+    "lora_hf_hub_resolver": "VLLM_LORA_RESOLVER_HF_REPO_LIST",
+}
+# Flags `vsp serve` owns: given again after `--`, vLLM would see two conflicting values.
+OWNED_FLAGS = ("--model", "--load-format", "--model-loader-extra-config", "--host", "--port")
+
+
+class ServeError(VSPError):
+    """``vsp serve`` cannot build a valid launch."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str]
+    deltas: list[Path]
+    model: Path
+    delta_dir: Path
+    notes: list[str]
+
+
+def delta_dir_for(model_dir: Path) -> Path:
+    """Where ``vsp solve`` writes the deltas of ``model_dir`` (same rule as the solver)."""
+    model_id = DEFAULT_MODEL_NAME if _same(model_dir, default_model_dir()) else model_dir.name
+    return repo_deltas_dir() / model_id
+
+
+def _same(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _split(spec: str) -> list[str]:
+    items = []
+    for part in spec.replace(os.pathsep, ",").split(","):
+        if part.strip():
+            items.append(part.strip())
+    return items
+
+
+def resolve_deltas(specs: Sequence[str], delta_dir: Path) -> list[Path]:
+    """``none`` -> []; a plain name -> DIR/name.safetensors; anything path-like -> that file."""
+    items = [item for spec in specs for item in _split(spec)]
+    if items == ["none"]:
+        return []
+    if "none" in items:
+        raise ServeError(
+            "'none' was given together with other deltas", "use --deltas none on its own"
+        )
+    paths = []
+    for item in items:
+        looks_like_path = "/" in item or os.sep in item or item.endswith(DELTA_SUFFIX)
+        if looks_like_path:
+            path = Path(item).expanduser()
+            if not path.is_file():
+                raise ServeError(f"no delta file {path}", "check the path (vsp inspect FILE)")
+            paths.append(path.resolve())
+            continue
+        try:
+            check_name(item)
+        except ValueError as error:
+            raise ServeError(
+                str(error), "pass a delta name, 'all', 'none' or a file path"
+            ) from None
+        path = delta_dir / f"{item}{DELTA_SUFFIX}"
+        if not path.is_file():
+            known = sorted(p.stem for p in delta_dir.glob(f"*{DELTA_SUFFIX}"))
+            raise ServeError(
+                f"no delta '{item}' in {delta_dir}"
+                + (f" (there: {', '.join(known)})" if known else " (the folder has none)"),
+                f"solve it first: vsp solve --out {delta_dir}"
+                + ("" if item == DEFAULT_DELTAS else f" --groups {item}")
+                + "; or pick another with --deltas / --delta-dir (--deltas none: base weights)",
+            )
+        paths.append(path.resolve())
+    return paths
+
+
+def plugin_allow_list(environ: Mapping[str, str]) -> str:
+    """``VLLM_PLUGINS``: ours (general + endpoint), the user's, vLLM's own only if in use."""
+    names = [name for name in environ.get("VLLM_PLUGINS", "").split(",") if name.strip()]
+    names += [GENERAL_PLUGIN, ENDPOINT_PLUGIN]
+    names += [name for name, var in VLLM_OPTIONAL_PLUGINS.items() if environ.get(var)]
+    return ",".join(dict.fromkeys(name.strip() for name in names))
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(f"{flag}=") for arg in args)
+
+
+def _gpu_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # no torch or a broken driver: serve as on CPU
+        return False
+
+
+def build_launch(
+    *,
+    model: Path | None = None,
+    deltas: Sequence[str] | None = None,
+    delta_dir: Path | None = None,
+    admin_token_file: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    extra: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+    gpu: bool | None = None,
+    check: bool = True,
+) -> Launch:
+    """The command and environment for the server; raises :class:`VSPError` on any problem."""
+    environ = dict(os.environ if environ is None else environ)
+    notes: list[str] = []
+    model_dir = (model or default_model_dir()).expanduser().resolve()
+    if not (model_dir / "config.json").is_file():
+        if model is None:
+            raise ModelPrepareError(
+                f"the default model is not prepared (no {model_dir})", "run 'vsp model prepare'"
+            )
+        raise ServeError(
+            f"'{model_dir}' is not a model checkpoint (no config.json)",
+            "pass the folder of an HF safetensors checkpoint to --model",
+        )
+    for flag in OWNED_FLAGS:
+        if _has_flag(extra, flag):
+            raise ServeError(
+                f"{flag} was given after '--'", f"use vsp serve's own option instead of {flag}"
+            )
+    if environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0", "false", "False"):
+        raise ServeError(
+            "VLLM_SERVER_DEV_MODE is set: it adds /collective_rpc, /update_weights and more, "
+            "none of them authenticated, which would bypass the admin token",
+            "unset VLLM_SERVER_DEV_MODE (vsp serve never serves in dev mode)",
+        )
+    delta_dir = (delta_dir or delta_dir_for(model_dir)).expanduser().resolve()
+    if deltas:
+        specs = list(deltas)
+    elif environ.get(DELTAS_VAR, "").strip():
+        specs = [environ[DELTAS_VAR]]
+        notes.append(f"deltas from {DELTAS_VAR}={environ[DELTAS_VAR]}")
+    else:
+        specs = [DEFAULT_DELTAS]
+    paths = resolve_deltas(specs, delta_dir)
+    if check and paths:
+        _check_deltas(paths, model_dir)
+
+    env = dict(environ)
+    # The loader reads VSP_DELTAS only without "deltas" in the extra config; we always pass
+    # that key, so drop the variable rather than leave a second, ignored source of truth.
+    env.pop(DELTAS_VAR, None)
+    env["VLLM_PLUGINS"] = plugin_allow_list(environ)
+    env[DELTA_DIR_VAR] = str(delta_dir)
+    if admin_token_file is not None:
+        token_file = admin_token_file.expanduser().resolve()
+        # Read now so a bad file fails in a second, not after the engine started.
+        read_admin_token({TOKEN_FILE_VAR: str(token_file)})
+        env[TOKEN_FILE_VAR] = str(token_file)  # the path, never the token, in the env
+        env.pop(TOKEN_VAR, None)  # the flag wins
+    else:
+        env.pop(TOKEN_FILE_VAR, None)
+        if read_admin_token({k: v for k, v in environ.items() if k == TOKEN_VAR}) is None:
+            notes.append(
+                "no admin token: POST /v1/safety/deltas/activate will answer 403 "
+                "(pass --admin-token-file FILE)"
+            )
+
+    argv = [
+        sys.executable,
+        "-m",
+        SERVER_MODULE,
+        "--model",
+        str(model_dir),
+        "--load-format",
+        "vsp",
+        "--model-loader-extra-config",
+        json.dumps({"deltas": [str(path) for path in paths]}),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if not (_gpu_available() if gpu is None else gpu):
+        # Measured on 2 CPU cores: fp32 runs ~4x faster than bf16 (no bf16 units) and eager
+        # mode skips minutes of graph capture. The user's own flags after `--` win.
+        if not _has_flag(extra, "--enforce-eager"):
+            argv.append("--enforce-eager")
+        if not _has_flag(extra, "--dtype"):
+            argv += ["--dtype", "float32"]
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    argv += list(extra)
+    return Launch(argv, env, paths, model_dir, delta_dir, notes)
+
+
+def _check_deltas(paths: Sequence[Path], model_dir: Path) -> None:
+    from vllm_safety_patch.delta.io import read_delta
+    from vllm_safety_patch.delta.merge import check_distinct
+    from vllm_safety_patch.delta.verify import verify_against_checkpoint
+    from vllm_safety_patch.models.checkpoint import Checkpoint
+
+    deltas = [read_delta(path) for path in paths]
+    check_distinct(deltas)
+    verify_against_checkpoint(deltas, Checkpoint(model_dir))
+
+
+def exec_launch(launch: Launch) -> None:  # pragma: no cover - replaces the process
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(launch.argv[0], launch.argv, launch.env)

@@ -1,0 +1,239 @@
+"""``vsp serve`` (launcher) and ``vsp deltas list|activate`` (client of a running server).
+
+Kept here and added to the main ``vsp`` app by :func:`add_serving_commands` (one call at the
+end of ``vllm_safety_patch/cli.py``), so the serving commands live next to the server code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from vllm_safety_patch.errors import VSPError
+
+console = Console()
+error_console = Console(stderr=True)
+DEFAULT_URL = "http://127.0.0.1:8000"
+PLAIN: dict[str, Any] = {"markup": False, "highlight": False}
+
+ModelOption = Annotated[
+    Path | None,
+    typer.Option("--model", help="HF safetensors checkpoint folder (default: the prepared model)"),
+]
+UrlOption = Annotated[str, typer.Option("--url", help="server base URL")]
+TokenFileOption = Annotated[
+    Path | None,
+    typer.Option("--token-file", help="admin token file (else env VSP_ADMIN_TOKEN)"),
+]
+
+
+def die(error: VSPError) -> NoReturn:
+    # One line, no traceback: the message already names the problem and the fix.
+    error_console.print(Text("error: ", style="bold red") + Text(str(error)), soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def add_serving_commands(app: typer.Typer) -> None:
+    """Register ``serve`` and the ``deltas`` sub-app on ``app``."""
+
+    @app.command(
+        "serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    )
+    def serve_command(
+        ctx: typer.Context,
+        model: ModelOption = None,
+        deltas: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--deltas",
+                help="all (default) | none | NAME[,NAME...] | FILE (repeatable); "
+                "env VSP_DELTAS when not given",
+            ),
+        ] = None,
+        delta_dir: Annotated[
+            Path | None,
+            typer.Option("--delta-dir", help="folder of named deltas (default: deltas/<model>/)"),
+        ] = None,
+        admin_token_file: Annotated[
+            Path | None,
+            typer.Option(
+                "--admin-token-file", help="token for the admin routes (else env VSP_ADMIN_TOKEN)"
+            ),
+        ] = None,
+        host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="print the command and environment only")
+        ] = False,
+    ) -> None:
+        """Serve with vLLM (OpenAI API), deltas merged at load; vLLM args go after --."""
+        from vllm_safety_patch.serve import build_launch, exec_launch
+
+        try:
+            launch = build_launch(
+                model=model,
+                deltas=deltas,
+                delta_dir=delta_dir,
+                admin_token_file=admin_token_file,
+                host=host,
+                port=port,
+                extra=list(ctx.args),
+            )
+        except VSPError as error:
+            die(error)
+        for note in launch.notes:
+            error_console.print(f"note: {note}", soft_wrap=True, **PLAIN)
+        names = ", ".join(path.name for path in launch.deltas) or "none (base weights)"
+        error_console.print(f"serving {launch.model} with deltas: {names}", **PLAIN)
+        if dry_run:
+            print(json.dumps({"argv": launch.argv, "env": launch_env(launch.env)}, indent=2))
+            return
+        exec_launch(launch)
+
+    deltas_app = typer.Typer(
+        help="List or switch the deltas of a running 'vsp serve' server.", no_args_is_help=True
+    )
+    app.add_typer(deltas_app, name="deltas")
+
+    @deltas_app.command("list")
+    def deltas_list(
+        url: UrlOption = DEFAULT_URL,
+        token_file: TokenFileOption = None,
+        as_json: Annotated[bool, typer.Option("--json", help="print the server's JSON")] = False,
+    ) -> None:
+        """The server's delta folder, which deltas fit its model, and the active set."""
+        try:
+            token = admin_token(token_file)
+            status, payload = call("GET", f"{url.rstrip('/')}/v1/safety/deltas", None, token)
+        except VSPError as error:
+            die(error)
+        if status != 200:
+            refused(status, payload)
+        if as_json:
+            print(json.dumps(payload, indent=2, ensure_ascii=False))
+            return
+        print_listing(payload)
+
+    @deltas_app.command("activate")
+    def deltas_activate(
+        names: Annotated[
+            list[str], typer.Argument(help="delta names in the server's folder; 'none' = base")
+        ],
+        url: UrlOption = DEFAULT_URL,
+        token_file: TokenFileOption = None,
+    ) -> None:
+        """Switch the served deltas without a restart (admin token required)."""
+        requested = [] if names == ["none"] else names
+        try:
+            token = admin_token(token_file)
+            status, payload = call(
+                "POST",
+                f"{url.rstrip('/')}/v1/safety/deltas/activate",
+                {"deltas": requested},
+                token,
+                timeout=900,
+            )
+        except VSPError as error:
+            die(error)
+        if status != 200:
+            refused(status, payload)
+        console.print(f"active: {payload['header']}", **PLAIN)
+        switch = payload.get("switch")
+        if switch:
+            console.print(
+                f"reloaded {switch['tensors']} tensors: reload {switch['reload_seconds']:.3f} s, "
+                f"total {switch['total_seconds']:.3f} s",
+                **PLAIN,
+            )
+        else:
+            console.print("already active: nothing changed", **PLAIN)
+
+
+def launch_env(env: dict[str, str]) -> dict[str, str]:
+    """The variables that matter to the server, secrets left out."""
+    secret = ("VSP_ADMIN_TOKEN", "VLLM_API_KEY")
+    return {
+        key: value
+        for key, value in sorted(env.items())
+        if key.startswith(("VLLM_", "VSP_")) and key not in secret
+    }
+
+
+def admin_token(token_file: Path | None) -> str | None:
+    if token_file is not None:
+        try:
+            return token_file.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise VSPError(
+                f"cannot read {token_file} ({error.strerror})", "check --token-file"
+            ) from None
+    return os.environ.get("VSP_ADMIN_TOKEN", "").strip() or None
+
+
+def call(
+    method: str, url: str, body: dict | None, token: str | None, timeout: float = 120
+) -> tuple[int, dict]:
+    """(status, JSON body); refusals come back as their JSON, not as exceptions."""
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        try:
+            return error.code, json.loads(raw or b"{}")
+        except ValueError:
+            return error.code, {"error": {"message": raw.decode(errors="replace")[:500]}}
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise VSPError(
+            f"cannot reach {url} ({reason})", "check --url and that 'vsp serve' is running"
+        ) from None
+
+
+def refused(status: int, payload: dict) -> NoReturn:
+    error = payload.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    message = message or json.dumps(payload)[:500]
+    error_console.print(
+        Text("error: ", style="bold red") + Text(f"HTTP {status}: {message}"), soft_wrap=True
+    )
+    raise typer.Exit(code=2)
+
+
+def print_listing(payload: dict) -> None:
+    console.print(f"model: {payload['model']}", **PLAIN)
+    console.print(f"active: {payload['header']}", **PLAIN)
+    table = Table("name", "group", "languages", "fingerprint", "sha256", "fits model", "active")
+    for item in payload["available"]:
+        cells = (
+            item["name"],
+            item.get("group") or "-",
+            ",".join(item.get("languages") or []) or "-",
+            item.get("fingerprint") or "-",
+            item.get("sha256") or "-",
+            "yes" if item["matches_model"] else f"no: {item.get('problem')}",
+            "*" if item.get("active") else "",
+        )
+        table.add_row(*(Text(str(cell)) for cell in cells))  # data, never markup
+    console.print(table)
+    if not payload.get("hot_patch", True):
+        console.print(f"hot patch unavailable: {payload.get('hot_patch_problem')}", **PLAIN)
+    if payload.get("last_switch"):
+        console.print(f"last switch: {payload['last_switch']['total_seconds']:.3f} s", **PLAIN)

@@ -1,0 +1,60 @@
+"""Outermost ASGI layer: the ``X-Safety-Deltas`` header on every response, and the gate.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so streamed responses pass through untouched. It is
+installed around vLLM's whole middleware stack (see ``plugin.py``), so even a 401 from
+vLLM's ``--api-key`` check or a 404 carries the header.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import MutableHeaders, State
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vllm_safety_patch.server.errors import SafetyAPIError, error_response
+from vllm_safety_patch.server.state import HEADER, SafetyState
+
+SAFETY_PREFIX = "/v1/safety/"
+
+
+def runs_inference(scope: Scope) -> bool:
+    """Requests that may reach the model: every POST except our own routes.
+
+    vLLM's inference routes are all POST (completions, chat, responses, embeddings,
+    tokenize, invocations, ...); GETs (health, models, metrics) never run the model.
+    """
+    root = scope.get("root_path", "")
+    path = scope["path"].removeprefix(root)
+    return scope.get("method") == "POST" and not path.startswith(SAFETY_PREFIX)
+
+
+class SafetyMiddleware:
+    def __init__(self, app: ASGIApp, app_state: State) -> None:
+        self.app = app
+        self.app_state = app_state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        safety: SafetyState | None = getattr(self.app_state, "vsp_safety", None)
+        if scope["type"] != "http" or safety is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Read when the answer starts: inside the gate the set cannot change later.
+                MutableHeaders(scope=message)[HEADER] = safety.header()
+            await send(message)
+
+        if not runs_inference(scope):
+            await self.app(scope, receive, send_with_header)
+            return
+        async with safety.gate.request():
+            if safety.degraded is not None:
+                refusal = SafetyAPIError(
+                    503,
+                    f"the served weights are unknown after a failed switch: {safety.degraded}",
+                    "restart the server (vsp serve); the log names the failing worker",
+                    "degraded",
+                )
+                await error_response(refusal)(scope, receive, send_with_header)
+                return
+            await self.app(scope, receive, send_with_header)

@@ -1,0 +1,163 @@
+"""The ``vllm.endpoint_plugins`` entry point: safety routes, header middleware, state.
+
+vLLM loads it in the API server process only, and only when ``VLLM_PLUGINS`` names
+``vllm_safety_patch_server`` (``vsp serve`` sets that). Its partner on the engine side is
+the general plugin ``vllm_safety_patch`` (loader + worker methods), which must be allowed
+too: the routes call the worker methods through ``collective_rpc``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from argparse import Namespace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from starlette.datastructures import State
+from starlette.types import ASGIApp
+
+from vllm_safety_patch.delta.io import read_delta
+from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.server.errors import SafetyAPIError, handle_safety_error
+from vllm_safety_patch.server.middleware import SafetyMiddleware
+from vllm_safety_patch.server.routes import activation_router, listing_router
+from vllm_safety_patch.server.state import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DELTA_DIR_VAR,
+    DRAIN_TIMEOUT_VAR,
+    ActiveEntry,
+    SafetyState,
+    header_value,
+    read_admin_token,
+)
+from vllm_safety_patch.vllm_plugin.worker_extension import ACTIVE_METHOD
+
+if TYPE_CHECKING:
+    from vllm.engine.protocol import EngineClient
+
+PLUGIN_NAME = "vllm_safety_patch_server"
+logger = logging.getLogger(f"vllm.{__name__}")
+
+
+def install_outermost(app: FastAPI, middleware: type[SafetyMiddleware]) -> None:
+    """Wrap the whole middleware stack, whatever vLLM adds after the plugins are attached.
+
+    ``add_middleware`` here would end up *inside* vLLM's CORS and ``--api-key`` layers
+    (they are added after the plugins), so their responses would lack the header.
+    """
+    build = app.build_middleware_stack
+
+    def build_with_safety() -> ASGIApp:
+        return middleware(build(), app.state)
+
+    app.build_middleware_stack = build_with_safety  # type: ignore[method-assign]
+
+
+class SafetyEndpointPlugin:
+    name = PLUGIN_NAME
+    # Any server with an engine: the weights are what is patched, not a task.
+    required_tasks = None
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(listing_router)
+        app.include_router(activation_router)
+        app.add_exception_handler(SafetyAPIError, handle_safety_error)
+        install_outermost(app, SafetyMiddleware)
+
+    async def init_state(
+        self, engine_client: EngineClient | None, state: State, args: Namespace
+    ) -> None:
+        safety = await build_state(engine_client, args)
+        state.vsp_safety = safety
+        logger.info(
+            "vsp: safety routes ready: serving %s; delta folder %s; admin token %s%s",
+            safety.header(),
+            safety.delta_dir,
+            "configured" if safety.admin_token else "NOT configured (activation answers 403)",
+            f"; hot patch unavailable: {safety.hot_patch_problem}"
+            if safety.hot_patch_problem
+            else "",
+        )
+
+
+def plugin_factory() -> SafetyEndpointPlugin:
+    """Entry point target (a zero-argument factory)."""
+    return SafetyEndpointPlugin()
+
+
+async def build_state(engine_client: EngineClient | None, args: Namespace) -> SafetyState:
+    from vllm_safety_patch.serve import delta_dir_for
+
+    if engine_client is not None:
+        model = str(engine_client.vllm_config.model_config.model)
+        load_config = engine_client.vllm_config.load_config
+    else:
+        model, load_config = str(args.model), None
+    model_dir = Path(model)
+    served = (getattr(args, "served_model_name", None) or [model])[0]
+    delta_dir = Path(os.environ.get(DELTA_DIR_VAR) or delta_dir_for(model_dir))
+    safety = SafetyState(
+        delta_dir=delta_dir,
+        model_dir=model_dir,
+        served_model=served,
+        # Refuses to start on an unreadable or weak token: failing closed beats an admin
+        # route that silently turned into "no token configured".
+        admin_token=read_admin_token(),
+        engine=engine_client,
+        drain_timeout_s=float(os.environ.get(DRAIN_TIMEOUT_VAR, DEFAULT_DRAIN_TIMEOUT_S)),
+    )
+    safety.active, problem = _load_time_set(load_config, delta_dir)
+    safety.hot_patch_problem = problem or _unsupported(engine_client, args, model_dir)
+    if safety.hot_patch_problem is None:
+        safety.hot_patch_problem = await _check_workers(safety)
+    return safety
+
+
+def _load_time_set(load_config: Any, delta_dir: Path) -> tuple[list[ActiveEntry], str | None]:
+    """The deltas the loader merged at start-up (it refuses to start unless all applied)."""
+    from vllm_safety_patch.vllm_plugin.loader import LOAD_FORMAT, delta_paths_from_config
+
+    if load_config is None or load_config.load_format != LOAD_FORMAT:
+        return [], None
+    try:
+        paths, _ = delta_paths_from_config(load_config.model_loader_extra_config or {})
+        entries = [ActiveEntry.of(read_delta(path), path, delta_dir) for path in paths]
+    except VSPError as error:
+        return [], f"a start-up delta cannot be read any more ({error})"
+    return sorted(entries, key=lambda entry: (entry.group, entry.sha256)), None
+
+
+def _unsupported(engine_client: Any, args: Namespace, model_dir: Path) -> str | None:
+    if engine_client is None:
+        return "this server has no engine"
+    if not (model_dir / "config.json").is_file():
+        return f"the model '{model_dir}' is not a local checkpoint folder"
+    if (getattr(args, "api_server_count", None) or 1) > 1:
+        # Each API server process would keep its own record of the active set.
+        return "it needs a single API server process (--api-server-count 1)"
+    if (getattr(args, "data_parallel_size", None) or 1) > 1:
+        return "data parallelism (one engine per rank) is not supported"
+    return None
+
+
+async def _check_workers(safety: SafetyState) -> str | None:
+    """Ask every worker what it serves; this also caches the start-up set there."""
+    assert safety.engine is not None
+    try:
+        replies = await safety.engine.collective_rpc(ACTIVE_METHOD)
+    except Exception as error:
+        return (
+            f"the workers lack the vsp methods ({' '.join(str(error).split())[:200]}); "
+            "VLLM_PLUGINS must allow the general plugin vllm_safety_patch"
+        )
+    expected = sorted(entry.sha256 for entry in safety.active)
+    for reply in replies:
+        found = sorted(item["sha256"] for item in reply.get("deltas", []))
+        if found != expected:
+            return (
+                f"a worker serves {found and [sha[:12] for sha in found]} while this server "
+                f"recorded {header_value(safety.active)} (a start-up delta file changed on disk)"
+            )
+    return None
