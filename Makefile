@@ -6,11 +6,10 @@ PY := .venv/bin/python
 setup:
 	bash scripts/setup.sh
 
-# The main job. Until the server lands it prepares the default model and checks every
-# shipped delta against it.
+# The main job: serve the default model with the shipped 'all' delta merged at load time
+# (vLLM's OpenAI-compatible server on 127.0.0.1:8000; admin token from VSP_ADMIN_TOKEN).
 run: setup
-	.venv/bin/vsp model info
-	@set -e; for f in deltas/*/*.safetensors; do [ -e "$$f" ] || continue; .venv/bin/vsp verify "$$f"; done
+	.venv/bin/vsp serve
 
 lint: setup
 	$(PY) -m ruff check .
