@@ -227,6 +227,36 @@ def apply(
     console.print(f"wrote {path}", markup=False, soft_wrap=True)
 
 
+@app.command("export")
+def export(
+    file: Annotated[Path, typer.Argument(help="delta .safetensors file")],
+    out: Annotated[Path, typer.Option("--out", help="folder to write")],
+    format: Annotated[
+        str, typer.Option("--format", help="'peft' (LoRA adapter) or 'merged' (full checkpoint)")
+    ] = "peft",
+    model: ModelOption = None,
+) -> None:
+    """Export a delta for other engines: a PEFT LoRA adapter, or a merged checkpoint."""
+    from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
+    from vllm_safety_patch.delta.export import write_merged_checkpoint
+    from vllm_safety_patch.delta.export_peft import write_peft_adapter
+    from vllm_safety_patch.models.checkpoint import Checkpoint
+
+    try:
+        if format not in ("peft", "merged"):
+            raise VSPError(f"unknown export format '{format}'", "use --format peft or merged")
+        delta = read_delta(file)
+        checkpoint = Checkpoint(_model_path(model))
+        if format == "merged":
+            path = write_merged_checkpoint(checkpoint, [delta], out)
+        else:
+            verify_against_checkpoint([delta], checkpoint)
+            path = write_peft_adapter(delta, str(checkpoint.path), out)
+    except VSPError as error:
+        _fail(error)
+    console.print(f"wrote {path}", markup=False, soft_wrap=True)
+
+
 @app.command("solve")
 def solve_command(
     config: Annotated[
