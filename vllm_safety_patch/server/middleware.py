@@ -10,6 +10,7 @@ from __future__ import annotations
 from starlette.datastructures import MutableHeaders, State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vllm_safety_patch.server import metrics
 from vllm_safety_patch.server.errors import SafetyAPIError, error_response
 from vllm_safety_patch.server.state import HEADER, SafetyState
 
@@ -37,7 +38,15 @@ class SafetyMiddleware:
         if scope["type"] != "http" or safety is None:
             await self.app(scope, receive, send)
             return
+        # Refusal and hot-patch metrics (metrics.py): copies what passes, judges afterwards.
+        metrics.publish_active(safety.header())
+        receive, send, finish_metrics = metrics.tapped(scope, receive, send)
+        try:
+            await self._call(scope, receive, send, safety)
+        finally:
+            finish_metrics()
 
+    async def _call(self, scope: Scope, receive: Receive, send: Send, safety: SafetyState) -> None:
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
                 # Read when the answer starts: inside the gate the set cannot change later.

@@ -8,6 +8,7 @@ too: the routes call the worker methods through ``collective_rpc``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from argparse import Namespace
@@ -20,6 +21,7 @@ from starlette.types import ASGIApp
 
 from vllm_safety_patch.delta.io import read_delta
 from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.server import language, metrics
 from vllm_safety_patch.server.errors import SafetyAPIError, handle_safety_error
 from vllm_safety_patch.server.middleware import SafetyMiddleware
 from vllm_safety_patch.server.routes import activation_router, listing_router
@@ -71,6 +73,8 @@ class SafetyEndpointPlugin:
     ) -> None:
         safety = await build_state(engine_client, args)
         state.vsp_safety = safety
+        metrics.publish_active(safety.header())
+        await asyncio.to_thread(language.warm_up)  # the language model loads in ~0.6 s
         logger.info(
             "vsp: safety routes ready: serving %s; delta folder %s; admin token %s%s",
             safety.header(),
