@@ -15,8 +15,6 @@ import asyncio
 import gc
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import random_edit
+from serving_helpers import engine_env, free_port, request, stop_process_group, wait_healthy
 
 from vllm_safety_patch.delta.build import build_delta
 from vllm_safety_patch.delta.export import write_merged_checkpoint
@@ -113,47 +112,6 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path, tiny_llama
 # ---------------------------------------------------------------------------------------
 
 
-def engine_env(core: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        VLLM_CPU_KVCACHE_SPACE="1",  # GiB: plenty for a 512-token tiny model
-        # One core each: OpenMP threads spread over the shared cores spin-wait against the
-        # other jobs; and the same thread count on both sides keeps the sums in one order.
-        VLLM_CPU_OMP_THREADS_BIND=str(core),
-        HF_HUB_OFFLINE="1",
-        VLLM_NO_USAGE_STATS="1",
-        DO_NOT_TRACK="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    for name in ("VSP_DELTAS", "VSP_ADMIN_TOKEN", "VSP_ADMIN_TOKEN_FILE", "VLLM_PLUGINS"):
-        env.pop(name, None)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """Stop a process and everything in its session (vLLM's EngineCore and workers)."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        time.sleep(2)
-    if process.poll() is None:
-        process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(files: dict) -> Iterator[dict]:
     cores = sorted(os.sched_getaffinity(0))
@@ -199,22 +157,8 @@ def server(files: dict) -> Iterator[dict]:
             start_new_session=True,
         )
     try:
-        started = time.monotonic()
         base_url = f"http://127.0.0.1:{port}"
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vsp serve exited ({process.returncode}):\n{log.read_text()[-6000:]}")
-            if time.monotonic() - started > START_TIMEOUT_S:
-                pytest.fail(
-                    f"server not healthy in {START_TIMEOUT_S} s:\n{log.read_text()[-6000:]}"
-                )
-            try:
-                if request("GET", base_url + "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
-        start_seconds = time.monotonic() - started
+        start_seconds = wait_healthy(process, base_url, log, START_TIMEOUT_S)
         print(f"\nvsp serve: healthy after {start_seconds:.1f} s")
         try:
             reference.wait(timeout=REFERENCE_TIMEOUT_S)
@@ -238,25 +182,6 @@ def server(files: dict) -> Iterator[dict]:
 # ---------------------------------------------------------------------------------------
 # HTTP helpers (urllib: no client library needed)
 # ---------------------------------------------------------------------------------------
-
-
-def request(
-    method: str,
-    url: str,
-    body: dict | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 120,
-) -> tuple[int, Any, dict[str, str]]:
-    data = json.dumps(body).encode() if body is not None else None
-    sent = {"Content-Type": "application/json", **(headers or {})}
-    req = urllib.request.Request(url, data=data, headers=sent, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as reply:
-            raw = reply.read()
-            return reply.status, json.loads(raw) if raw else None, dict(reply.headers)
-    except urllib.error.HTTPError as error:
-        raw = error.read()
-        return error.code, json.loads(raw) if raw else None, dict(error.headers)
 
 
 def admin(token: str = TOKEN) -> dict[str, str]:

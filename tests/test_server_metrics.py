@@ -19,8 +19,8 @@ import pytest
 from conftest import make_delta
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from serving_helpers import engine_env, free_port, request, stop_process_group, wait_healthy
 from starlette.datastructures import State
-from test_server_hotpatch import engine_env, free_port, request, stop_process_group
 
 from vllm_safety_patch.data import load_prompts
 from vllm_safety_patch.judge.refusal import is_refusal
@@ -317,21 +317,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterator
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        started = time.monotonic()
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vsp serve exited ({process.returncode}):\n{log.read_text()[-6000:]}")
-            if time.monotonic() - started > START_TIMEOUT_S:
-                pytest.fail(
-                    f"server not healthy in {START_TIMEOUT_S} s:\n{log.read_text()[-6000:]}"
-                )
-            try:
-                if request("GET", url + "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
-        print(f"\nvsp serve (metrics): healthy after {time.monotonic() - started:.1f} s")
+        seconds = wait_healthy(process, url, log, START_TIMEOUT_S)
+        print(f"\nvsp serve (metrics): healthy after {seconds:.1f} s")
         label = f"{delta.group}@{delta.manifest.base_model.fingerprint[:12]}"
         yield {"url": url, "model": str(tiny_qwen2), "label": label, "log": log}
     finally:
