@@ -44,8 +44,7 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 @dataclass
 class SolveTimings:
-    forward_seconds: float = 0.0  # running layers (the floor a solve cannot go below)
-    statistics_seconds: float = 0.0  # hooks: sums and Gram matrices
+    forward_seconds: float = 0.0  # running layers, hooks included (sums, Gram matrices)
     solve_seconds: float = 0.0  # Cholesky, SVD, propagation
     total_seconds: float = 0.0
 
