@@ -319,6 +319,10 @@ def measure_command(
     mgsm_rows: Annotated[str, typer.Option(help="held-out MGSM rows START-STOP")] = "180-200",
     refusal_tokens: Annotated[int, typer.Option(help="tokens generated per harmful prompt")] = 40,
     mgsm_tokens: Annotated[int, typer.Option(help="tokens generated per MGSM problem")] = 320,
+    baseline_cache: Annotated[
+        Path | None,
+        typer.Option(help="JSON cache of the base model's replies (keyed by its fingerprint)"),
+    ] = Path("build/measure-baseline.json"),
 ) -> None:
     """Measure each delta on held-out rows (refusal, over-refusal, MGSM), before vs after."""
     from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
@@ -355,6 +359,11 @@ def measure_command(
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         generate = transformers_generator(hf_model, tokenizer)
+    if baseline_cache is not None:
+        from vllm_safety_patch.eval.baseline_cache import cached_baseline, checkpoint_identity
+
+        identity = checkpoint_identity(model_dir)
+        generate = cached_baseline(generate, baseline_cache, identity, engine)
     languages = sorted({lang for delta in deltas for lang in delta.manifest.languages})
     console.print(f"baseline on {', '.join(['en', *languages])}", highlight=False)
     baseline = run_jobs(generate, [], effect_jobs(languages, settings), settings)
