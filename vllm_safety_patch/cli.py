@@ -395,6 +395,11 @@ from vllm_safety_patch.server.cli import add_serving_commands  # noqa: E402
 
 add_serving_commands(app)
 
+# `vsp eval` and `vsp eval compare` live with the evaluation harness.
+from vllm_safety_patch.eval.cli import add_eval_commands  # noqa: E402
+
+add_eval_commands(app)
+
 
 def main() -> None:  # pragma: no cover - console entry for `python -m`
     app(prog_name="vsp")

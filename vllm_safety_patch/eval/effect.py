@@ -3,20 +3,38 @@ language, over-refusal of benign prompts, MGSM accuracy; before and after, same 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from vllm_safety_patch.data import load_prompts, suite_languages
+from vllm_safety_patch.data import suite_languages
 from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.delta.manifest import EffectRow
 from vllm_safety_patch.delta.merge import edit_weight, edits_by_tensor
 from vllm_safety_patch.eval.local_generation import generate_chat
-from vllm_safety_patch.judge.refusal import is_refusal
+from vllm_safety_patch.eval.scoring import (
+    MGSM_ACCURACY,
+    OVER_REFUSAL,
+    REFUSAL_RATE,
+    keyword_hits,
+    mgsm_correct,
+)
+from vllm_safety_patch.eval.suites import Task, make_task
+
+__all__ = [
+    "EffectSettings",
+    "Generator",
+    "Results",
+    "applied_deltas",
+    "effect_jobs",
+    "measure_effect",
+    "mgsm_correct",
+    "run_jobs",
+    "transformers_generator",
+    "vllm_generator",
+]
 
 
 class EffectSettings(BaseModel):
@@ -32,85 +50,32 @@ class EffectSettings(BaseModel):
     batch_size: int = 16
 
 
-@dataclass(frozen=True)
-class _Job:
-    metric: str
-    suite: str
-    lang: str
-    split: str
-    texts: list[str]
-    answers: list[str | None]
+# Kept under its old name: a job is one shared evaluation task.
+_Job = Task
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def mgsm_correct(reply: str, answer: str | None) -> bool:
-    """Exact match of the last number in the reply with the answer (commas ignored)."""
-    numbers = _NUMBER.findall(reply)
-    if not numbers or answer is None:
-        return False
-    try:
-        return float(numbers[-1].replace(",", "")) == float(answer.replace(",", ""))
-    except ValueError:
-        return False
-
-
-def effect_jobs(languages: Sequence[str], settings: EffectSettings) -> list[_Job]:
+def effect_jobs(languages: Sequence[str], settings: EffectSettings) -> list[Task]:
     """English is always measured: the edit must not lower its refusal."""
     jobs = []
-    ids = range(*settings.multijail_ids)
-    split = f"ids {ids.start}-{ids.stop - 1}"
     for lang in ["en", *languages]:
         if lang in suite_languages("multijail"):
-            prompts = load_prompts("multijail", lang, ids=ids)
             jobs.append(
-                _Job(
-                    "refusal_rate",
-                    "multijail",
-                    lang,
-                    split,
-                    [p.text for p in prompts],
-                    [None] * len(prompts),
-                )
+                make_task(REFUSAL_RATE, "multijail", lang, "dev", range(*settings.multijail_ids))
             )
         if settings.harmless_val and lang in suite_languages("polyrefuse-harmless"):
-            prompts = load_prompts(
-                "polyrefuse-harmless", lang, "val", ids=range(settings.harmless_val)
-            )
             jobs.append(
-                _Job(
-                    "over_refusal",
-                    "polyrefuse-harmless",
-                    lang,
-                    f"val 0-{settings.harmless_val - 1}",
-                    [p.text for p in prompts],
-                    [None] * len(prompts),
+                make_task(
+                    OVER_REFUSAL, "polyrefuse-harmless", lang, "val", range(settings.harmless_val)
                 )
             )
         rows = range(*settings.mgsm_rows)
         if rows and lang in suite_languages("mgsm"):
-            prompts = load_prompts("mgsm", lang, ids=rows)
-            jobs.append(
-                _Job(
-                    "mgsm_accuracy",
-                    "mgsm",
-                    lang,
-                    f"rows {rows.start}-{rows.stop - 1}",
-                    [p.text for p in prompts],
-                    [p.answer for p in prompts],
-                )
-            )
+            jobs.append(make_task(MGSM_ACCURACY, "mgsm", lang, "dev", rows))
     return jobs
 
 
-def _score(job: _Job, replies: list[str]) -> float:
-    if job.metric == "mgsm_accuracy":
-        hits = [
-            mgsm_correct(reply, answer) for reply, answer in zip(replies, job.answers, strict=True)
-        ]
-    else:
-        hits = [is_refusal(reply, job.lang) for reply in replies]
+def _score(job: Task, replies: list[str]) -> float:
+    hits = keyword_hits(job.metric, replies, job.lang, job.answers)
     return sum(hits) / max(len(hits), 1)
 
 
@@ -120,12 +85,12 @@ Results = dict[tuple[str, str, str], tuple[float, list[str]]]
 
 
 def run_jobs(
-    generate: Generator, delta_paths: Sequence[Path], jobs: Sequence[_Job], settings: EffectSettings
+    generate: Generator, delta_paths: Sequence[Path], jobs: Sequence[Task], settings: EffectSettings
 ) -> Results:
     """Generate every job's replies in one call (one engine, full batching), then score."""
     requests = []
     for job in jobs:
-        tokens = settings.mgsm_tokens if job.metric == "mgsm_accuracy" else settings.refusal_tokens
+        tokens = settings.mgsm_tokens if job.metric == MGSM_ACCURACY else settings.refusal_tokens
         requests += [(text, tokens) for text in job.texts]
     replies = generate(delta_paths, requests)
     results: Results = {}

@@ -1,0 +1,310 @@
+"""``vsp eval`` (run the harness against an endpoint, or in-process) and ``vsp eval compare``.
+
+Added to the main ``vsp`` app by :func:`add_eval_commands` (one call at the end of
+``vllm_safety_patch/cli.py``), so the evaluation commands live next to the harness.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from vllm_safety_patch.errors import VSPError
+
+console = Console()
+error_console = Console(stderr=True)
+PLAIN: dict[str, Any] = {"markup": False, "highlight": False}
+CACHE_FILE = "cache.jsonl"
+REPLIES_FILE = "replies.jsonl"
+REPORT_FILE = "report.md"
+
+
+def die(error: VSPError) -> NoReturn:
+    # One line, no traceback: the message already names the problem and the fix.
+    error_console.print(Text("error: ", style="bold red") + Text(str(error)), soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _source(base_url, model, api_key, engine, deltas, retries):
+    """The reply source the options name: a server, or an in-process engine."""
+    from vllm_safety_patch.eval.harness import EndpointSource, InProcessSource
+    from vllm_safety_patch.eval.openai_client import ChatEndpoint, RetryPolicy
+
+    if base_url is not None:
+        if not model:
+            raise VSPError(
+                "--model is missing", "pass the served model name, e.g. from GET /v1/models"
+            )
+        if deltas:
+            raise VSPError(
+                "--delta applies to in-process runs only",
+                "choose deltas on the server (vsp serve --deltas), or drop --base-url",
+            )
+        endpoint = ChatEndpoint(base_url, model, api_key=api_key, retry=RetryPolicy(retries))
+        return EndpointSource(endpoint), model
+    from vllm_safety_patch.cli import _model_path
+    from vllm_safety_patch.eval.effect import transformers_generator, vllm_generator
+
+    model_dir = _model_path(Path(model) if model else None)
+    if engine == "vllm":
+        generator = vllm_generator(model_dir)
+    elif engine == "transformers":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        generator = transformers_generator(hf_model, tokenizer)
+    else:
+        raise VSPError(f"unknown engine '{engine}'", "use --engine vllm or --engine transformers")
+    for path in deltas:
+        if not path.is_file():
+            raise VSPError(f"no delta file {path}", "pass an existing .safetensors delta")
+    label = model_dir.name + "".join(f"+{path.stem}" for path in deltas)
+    return InProcessSource(generator, str(model_dir), list(deltas)), label
+
+
+def add_eval_commands(app: typer.Typer) -> None:
+    """Register the ``eval`` sub-app (run by default, ``compare``) on ``app``."""
+    eval_app = typer.Typer(
+        help="Evaluate refusal, over-refusal and MGSM accuracy per language.",
+        invoke_without_command=True,
+    )
+    app.add_typer(eval_app, name="eval")
+
+    @eval_app.callback()
+    def eval_run(
+        ctx: typer.Context,
+        base_url: Annotated[
+            str | None,
+            typer.Option(
+                "--base-url",
+                help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
+                "(left out: generate in-process with --engine)",
+            ),
+        ] = None,
+        model: Annotated[
+            str | None,
+            typer.Option(
+                "--model",
+                help="served model name (with --base-url), else a checkpoint folder "
+                "(default: the prepared model)",
+            ),
+        ] = None,
+        suites: Annotated[
+            str, typer.Option(help="comma-separated: multijail, polyrefuse, mgsm")
+        ] = "multijail,polyrefuse,mgsm",
+        langs: Annotated[
+            str | None,
+            typer.Option(help="comma-separated language codes (default: all; en always)"),
+        ] = None,
+        n: Annotated[
+            int | None, typer.Option("--n", help="first N held-out prompts per suite+language")
+        ] = None,
+        judge: Annotated[
+            str, typer.Option(help="'keywords', or 'openai:URL#MODEL' for an LLM judge too")
+        ] = "keywords",
+        judge_template: Annotated[
+            str, typer.Option(help="auto | llama-guard | qwen3guard | generic")
+        ] = "auto",
+        out: Annotated[
+            Path | None, typer.Option("--out", help="folder for results, report and plots")
+        ] = None,
+        baseline: Annotated[
+            Path | None,
+            typer.Option(help="an earlier run's folder: report and plot before/after"),
+        ] = None,
+        label: Annotated[str | None, typer.Option(help="name of this run in reports")] = None,
+        api_key: Annotated[
+            str | None, typer.Option(envvar="OPENAI_API_KEY", help="endpoint API key")
+        ] = None,
+        judge_api_key: Annotated[
+            str | None, typer.Option(envvar="VSP_JUDGE_API_KEY", help="judge API key")
+        ] = None,
+        concurrency: Annotated[int, typer.Option(help="requests in flight at once")] = 8,
+        retries: Annotated[int, typer.Option(help="tries per request (back-off)")] = 6,
+        refusal_tokens: Annotated[int, typer.Option(help="max tokens per harmful/benign")] = 64,
+        mgsm_tokens: Annotated[int, typer.Option(help="max tokens per MGSM problem")] = 320,
+        engine: Annotated[
+            str, typer.Option(help="in-process engine: vllm (offline LLM) or transformers")
+        ] = "vllm",
+        delta: Annotated[
+            list[Path] | None, typer.Option(help="in-process: delta file to merge (repeatable)")
+        ] = None,
+    ) -> None:
+        """Run the suites against an endpoint (or in-process); write results.json, report.md,
+        replies.jsonl and PNG plots to --out. Interrupted runs resume from --out's cache."""
+        if ctx.invoked_subcommand is not None:
+            return
+        from vllm_safety_patch.eval.cache import ReplyCache
+        from vllm_safety_patch.eval.compare import compare_markdown
+        from vllm_safety_patch.eval.harness import EvalSettings, evaluate, write_records
+        from vllm_safety_patch.eval.judges import parse_judge
+        from vllm_safety_patch.eval.plots import plot_all
+        from vllm_safety_patch.eval.report import report_markdown
+        from vllm_safety_patch.eval.results import read_results
+        from vllm_safety_patch.eval.suites import eval_tasks
+
+        try:
+            if out is None:
+                raise VSPError("--out is missing", "pass --out DIR (results, report and plots)")
+            tasks = eval_tasks(_split(suites) or [], _split(langs), n)
+            llm_judge = parse_judge(judge, judge_template)
+            settings = EvalSettings(
+                refusal_tokens=refusal_tokens,
+                mgsm_tokens=mgsm_tokens,
+                concurrency=concurrency,
+                retries=retries,
+            )
+            before = read_results(baseline) if baseline is not None else None
+            source, default_label = _source(base_url, model, api_key, engine, delta or [], retries)
+            run_label = label or default_label
+            with ReplyCache(out / CACHE_FILE) as cache, _progress() as progress:
+                bars: dict[str, Any] = {}
+
+                def report(stage: str, done: int, total: int) -> None:
+                    if stage not in bars:
+                        bars[stage] = progress.add_task(stage, total=total)
+                    progress.update(bars[stage], completed=done, total=total)
+
+                results, records = evaluate(
+                    tasks,
+                    source,
+                    cache,
+                    settings,
+                    judge=llm_judge,
+                    judge_api_key=judge_api_key,
+                    label=run_label,
+                    progress=report,
+                )
+        except VSPError as error:
+            die(error)
+        results.write(out)
+        write_records(records, out / REPLIES_FILE)
+        runs = [(results.run.label, results)]
+        extra = ""
+        if before is not None:
+            base_label = before.run.label or "baseline"
+            if base_label == run_label:
+                base_label += " (baseline)"
+            runs = [(base_label, before), *runs]
+            extra = compare_markdown(base_label, run_label, before, results)
+        (out / REPORT_FILE).write_text(report_markdown(results, extra), encoding="utf-8")
+        plots = plot_all(runs, out)
+        _print_summary(results)
+        console.print(
+            f"{results.run.requests} requests ({results.run.cached} cached) in "
+            f"{results.run.seconds:.0f} s; wrote {out}/results.json, {REPORT_FILE}, "
+            f"{REPLIES_FILE}, {', '.join(p.name for p in plots)}",
+            **PLAIN,
+            soft_wrap=True,
+        )
+
+    @eval_app.command("compare")
+    def eval_compare(
+        run_a: Annotated[Path, typer.Argument(help="first run's --out folder (e.g. base)")],
+        run_b: Annotated[Path, typer.Argument(help="second run's --out folder (e.g. patched)")],
+        out: Annotated[
+            Path | None, typer.Option("--out", help="folder for compare.md and plots")
+        ] = None,
+    ) -> None:
+        """Two runs side by side: differences, significance (McNemar), gap closed, plots."""
+        from vllm_safety_patch.eval.compare import compare_markdown, compare_runs, gaps_closed
+        from vllm_safety_patch.eval.plots import plot_all
+        from vllm_safety_patch.eval.results import read_results
+
+        try:
+            a, b = read_results(run_a), read_results(run_b)
+        except VSPError as error:
+            die(error)
+        label_a = a.run.label or run_a.name
+        label_b = b.run.label or run_b.name
+        if label_a == label_b:
+            label_a, label_b = run_a.name, run_b.name
+        rows = compare_runs(a, b)
+        if not rows:
+            die(
+                VSPError(
+                    f"{run_a} and {run_b} share no figure",
+                    "compare runs of the same suites and languages",
+                )
+            )
+        table = Table("suite", "metric", "judge", "lang", "n", label_a, label_b, "change", "p")
+        for row in rows:
+            style = "bold" if row.significant else ""
+            table.add_row(
+                *(
+                    Text(str(cell), style=style)
+                    for cell in (
+                        row.a.suite,
+                        row.a.metric,
+                        row.a.judge,
+                        row.a.lang,
+                        f"{row.a.n}/{row.b.n}",
+                        f"{100 * row.a.rate:.0f}%",
+                        f"{100 * row.b.rate:.0f}%",
+                        f"{100 * row.difference:+.0f} pp" + (" *" if row.significant else ""),
+                        f"{row.p_value:.3g}",
+                    )
+                )
+            )
+        console.print(table)
+        console.print("* p < 0.05, exact McNemar test on paired prompts (z-test if unpaired)")
+        for suite, shares in gaps_closed(a, b).items():
+            cells = ", ".join(
+                f"{lang} {'no gap' if share is None else f'{100 * share:.0f}%'}"
+                for lang, share in shares.items()
+            )
+            console.print(f"gap to English closed ({suite}): {cells}", **PLAIN)
+        folder = out or run_b / f"compare-{run_a.resolve().name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "compare.md").write_text(
+            compare_markdown(label_a, label_b, a, b), encoding="utf-8"
+        )
+        plots = plot_all([(label_a, a), (label_b, b)], folder)
+        console.print(f"wrote {folder}/compare.md, {', '.join(p.name for p in plots)}", **PLAIN)
+
+
+def _print_summary(results) -> None:
+    from vllm_safety_patch.eval.report import rate_cell
+
+    table = Table("suite", "metric", "judge", "lang", "n", "rate [95% CI]")
+    for figure in results.figures:
+        if figure.metric == "attack_success_rate":
+            continue
+        table.add_row(
+            *(
+                Text(str(cell))
+                for cell in (
+                    figure.suite,
+                    figure.metric,
+                    figure.judge,
+                    figure.lang,
+                    figure.n,
+                    rate_cell(figure),
+                )
+            )
+        )
+    console.print(table)
