@@ -23,6 +23,12 @@ PLAIN: dict[str, Any] = {"markup": False, "highlight": False}
 CACHE_FILE = "cache.jsonl"
 REPLIES_FILE = "replies.jsonl"
 REPORT_FILE = "report.md"
+# Short metric names for terminal tables (results.json and report.md keep the full ones).
+SHORT_METRIC = {
+    "refusal_rate": "refusal",
+    "over_refusal": "over-refusal",
+    "mgsm_accuracy": "MGSM acc.",
+}
 
 
 def die(error: VSPError) -> NoReturn:
@@ -259,7 +265,7 @@ def add_eval_commands(app: typer.Typer) -> None:
                     Text(str(cell), style=style)
                     for cell in (
                         row.a.suite,
-                        row.a.metric,
+                        SHORT_METRIC.get(row.a.metric, row.a.metric),
                         row.a.judge,
                         row.a.lang,
                         f"{row.a.n}/{row.b.n}",
@@ -299,7 +305,7 @@ def _print_summary(results) -> None:
                 Text(str(cell))
                 for cell in (
                     figure.suite,
-                    figure.metric,
+                    SHORT_METRIC.get(figure.metric, figure.metric),
                     figure.judge,
                     figure.lang,
                     figure.n,
