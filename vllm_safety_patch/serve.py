@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vllm_safety_patch.config import DEFAULT_MODEL_NAME, default_model_dir, repo_deltas_dir
 from vllm_safety_patch.errors import ModelPrepareError, VSPError
+from vllm_safety_patch.server.lora import LORA_LABELS_VAR
 from vllm_safety_patch.server.state import (
     DELTA_DIR_VAR,
     DELTA_SUFFIX,
@@ -138,6 +139,7 @@ def build_launch(
     deltas: Sequence[str] | None = None,
     delta_dir: Path | None = None,
     admin_token_file: Path | None = None,
+    lora: Sequence[str] | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     extra: Sequence[str] = (),
@@ -180,6 +182,12 @@ def build_launch(
     paths = resolve_deltas(specs, delta_dir)
     if check and paths:
         _check_deltas(paths, model_dir)
+    adapters = []
+    if lora:
+        from vllm_safety_patch.server.lora import prepare_adapters
+
+        lora_paths = resolve_deltas(list(lora), delta_dir)
+        adapters = prepare_adapters(lora_paths, model_dir, paths) if lora_paths else []
 
     env = dict(environ)
     # The loader reads VSP_DELTAS only without "deltas" in the extra config; we always pass
@@ -225,6 +233,15 @@ def build_launch(
             argv += ["--dtype", "float32"]
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if adapters:
+        from vllm_safety_patch.server.lora import labels_env, lora_flags
+
+        argv += lora_flags(adapters, lambda flag: _has_flag(extra, flag))
+        env[LORA_LABELS_VAR] = labels_env(adapters)
+        names = ", ".join(a.name for a in adapters)
+        notes.append(f"per-request LoRA deltas (ask for them by model name): {names}")
+    else:
+        env.pop(LORA_LABELS_VAR, None)
     argv += list(extra)
     return Launch(argv, env, paths, model_dir, delta_dir, notes)
 

@@ -69,6 +69,14 @@ def add_serving_commands(app: typer.Typer) -> None:
                 "--admin-token-file", help="token for the admin routes (else env VSP_ADMIN_TOKEN)"
             ),
         ] = None,
+        lora: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--lora",
+                help="NAME[,NAME...] | FILE: also serve these deltas as per-request LoRA "
+                "adapters, chosen by model name (vLLM multi-LoRA)",
+            ),
+        ] = None,
         host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
         dry_run: Annotated[
@@ -84,6 +92,7 @@ def add_serving_commands(app: typer.Typer) -> None:
                 deltas=deltas,
                 delta_dir=delta_dir,
                 admin_token_file=admin_token_file,
+                lora=lora,
                 host=host,
                 port=port,
                 extra=list(ctx.args),

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_safety_patch.server import metrics
 from vllm_safety_patch.server.errors import SafetyAPIError, error_response
+from vllm_safety_patch.server.lora import MAX_BODY_BYTES, labels_from_env, requested_model
 from vllm_safety_patch.server.state import HEADER, SafetyState
 
 SAFETY_PREFIX = "/v1/safety/"
@@ -32,6 +33,8 @@ class SafetyMiddleware:
     def __init__(self, app: ASGIApp, app_state: State) -> None:
         self.app = app
         self.app_state = app_state
+        # Model name -> label of the per-request LoRA deltas (``vsp serve --lora``).
+        self.lora_labels = labels_from_env()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         safety: SafetyState | None = getattr(self.app_state, "vsp_safety", None)
@@ -47,10 +50,24 @@ class SafetyMiddleware:
             finish_metrics()
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, safety: SafetyState) -> None:
+        body = bytearray()
+        if self.lora_labels and runs_inference(scope):
+            inner_receive = receive
+
+            async def receive() -> Message:
+                message = await inner_receive()
+                if message["type"] == "http.request" and len(body) <= MAX_BODY_BYTES:
+                    body.extend(message.get("body", b""))
+                return message
+
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
                 # Read when the answer starts: inside the gate the set cannot change later.
-                MutableHeaders(scope=message)[HEADER] = safety.header()
+                value = safety.header()
+                adapter = self.lora_labels.get(requested_model(bytes(body)) or "")
+                if adapter:  # a LoRA request: merged set + the adapter on top of it
+                    value = f"{value}+{adapter}"
+                MutableHeaders(scope=message)[HEADER] = value
             await send(message)
 
         if not runs_inference(scope):
