@@ -50,10 +50,6 @@ class EffectSettings(BaseModel):
     batch_size: int = 16
 
 
-# Kept under its old name: a job is one shared evaluation task.
-_Job = Task
-
-
 def effect_jobs(languages: Sequence[str], settings: EffectSettings) -> list[Task]:
     """English is always measured: the edit must not lower its refusal."""
     jobs = []
