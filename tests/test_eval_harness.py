@@ -371,3 +371,22 @@ def test_in_process_run_with_the_solver_generator(tiny_qwen2: Path, tmp_path: Pa
     assert base.run.cached == 0 and patched.run.cached == 0  # deltas are part of the key
     assert len(records) == 8 and all(isinstance(r.reply, str) for r in records)
     assert base.find("mgsm", "mgsm_accuracy", "th", "keywords").n == 2
+
+
+def test_cli_in_process_with_a_delta(tiny_qwen2: Path, tmp_path: Path) -> None:
+    from conftest import make_delta
+
+    _, blob = make_delta(tiny_qwen2, group="tiny", languages=("th",))
+    delta_path = tmp_path / "tiny.safetensors"
+    delta_path.write_bytes(blob)
+    args = ["eval", "--engine", "transformers", "--model", str(tiny_qwen2)]
+    args += ["--delta", str(delta_path), "--suites", "multijail", "--langs", "th", "--n", "2"]
+    args += ["--refusal-tokens", "3", "--out", str(tmp_path / "run")]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["run"]["label"] == f"{tiny_qwen2.name}+tiny"
+    assert results["run"]["source"]["deltas"] and results["run"]["requests"] == 4
+    missing = ["--delta", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x")]
+    bad = CliRunner().invoke(app, [*args[:5], *missing])
+    assert bad.exit_code == 2 and "no delta file" in bad.output

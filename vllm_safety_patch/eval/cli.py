@@ -74,6 +74,13 @@ def _source(base_url, model, api_key, engine, deltas, retries):
     from vllm_safety_patch.eval.effect import transformers_generator, vllm_generator
 
     model_dir = _model_path(Path(model) if model else None)
+    for path in deltas:
+        if not path.is_file():
+            raise VSPError(f"no delta file {path}", "pass an existing .safetensors delta")
+    from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
+    from vllm_safety_patch.models.checkpoint import Checkpoint
+
+    verify_against_checkpoint([read_delta(path) for path in deltas], Checkpoint(model_dir))
     if engine == "vllm":
         generator = vllm_generator(model_dir)
     elif engine == "transformers":
@@ -85,9 +92,6 @@ def _source(base_url, model, api_key, engine, deltas, retries):
         generator = transformers_generator(hf_model, tokenizer)
     else:
         raise VSPError(f"unknown engine '{engine}'", "use --engine vllm or --engine transformers")
-    for path in deltas:
-        if not path.is_file():
-            raise VSPError(f"no delta file {path}", "pass an existing .safetensors delta")
     label = model_dir.name + "".join(f"+{path.stem}" for path in deltas)
     return InProcessSource(generator, str(model_dir), list(deltas)), label
 

@@ -59,7 +59,7 @@ def _bars(axis, runs: Sequence[Run], metric: str, suite: str) -> None:
             heights.append(100 * figure.rate)
             errors[0].append(100 * (figure.rate - figure.ci_low))
             errors[1].append(100 * (figure.ci_high - figure.rate))
-        axis.bar(
+        bars = axis.bar(
             xs,
             heights,
             width,
@@ -68,12 +68,13 @@ def _bars(axis, runs: Sequence[Run], metric: str, suite: str) -> None:
             label=label,
             color=COLOURS[r % len(COLOURS)] if len(runs) > 1 else COLOURS[1],
         )
+        axis.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)  # 0% bars are otherwise blank
     n = sorted(
         {f.n for _, res in runs for f in res.figures if (f.metric, f.suite) == (metric, suite)}
     )
     axis.set_title(f"{suite}: {PANEL_TITLES[metric]} (n={'/'.join(map(str, n))})", fontsize=9)
     axis.set_xticks(range(len(langs)), langs)
-    axis.set_ylim(0, 105)
+    axis.set_ylim(0, 112)
     axis.set_ylabel("%")
     axis.grid(axis="y", alpha=0.3)
 
@@ -114,6 +115,7 @@ def plot_gap_closed(before: Run, after: Run, path: Path) -> Path | None:
         langs = list(by_lang)
         values = [0.0 if by_lang[lang] is None else 100 * by_lang[lang] for lang in langs]
         bars = axis.bar(range(len(langs)), values, color=COLOURS[1])
+        axis.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
         for bar, lang in zip(bars, langs, strict=True):
             if by_lang[lang] is None:
                 axis.annotate(
