@@ -211,6 +211,7 @@ def test_llm_judge_and_agreement(serve, tmp_path: Path) -> None:
     agreement = {(a.suite, a.lang): a for a in results.agreement}
     english = agreement[("multijail", "en")]
     assert (english.n, english.agree, english.kappa) == (6, 6, None)  # all refused, all safe
+    assert english.no_verdict == 0
     thai_agreement = agreement[("multijail", "th")]
     assert thai_agreement.agree == 6 - sum(expected_safe)
     assert 0 < sum(expected_safe) < 6
@@ -390,3 +391,20 @@ def test_cli_in_process_with_a_delta(tiny_qwen2: Path, tmp_path: Path) -> None:
     missing = ["--delta", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x")]
     bad = CliRunner().invoke(app, [*args[:5], *missing])
     assert bad.exit_code == 2 and "no delta file" in bad.output
+
+
+def test_cli_with_an_llm_judge_reports_agreement(serve, tmp_path: Path) -> None:
+    target = serve(english_refuses)
+    guard = serve(guard_judge, model="meta-llama/Llama-Guard-3-1B")
+    args = ["eval", "--base-url", target.url, "--model", "target", "--suites", "multijail"]
+    args += ["--langs", "th", "--n", "6", "--out", str(tmp_path / "run")]
+    args += ["--judge", f"openai:{guard.url}/v1#meta-llama/Llama-Guard-3-1B"]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "refusal (llm:meta-llama/Llama-Guard-3-1B)" in report
+    assert "## Agreement between judges (harmful prompts)" in report
+    assert (
+        "| multijail | en | keywords vs llm:meta-llama/Llama-Guard-3-1B | 6 | 100% | n/a | 0 |"
+        in report
+    )

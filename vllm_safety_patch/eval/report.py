@@ -76,14 +76,14 @@ def report_markdown(results: EvalResults, extra: str = "") -> str:
         lines += [
             "## Agreement between judges (harmful prompts)",
             "",
-            "| suite | lang | judges | n | agree | Cohen's kappa |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| suite | lang | judges | n | agree | Cohen's kappa | no verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in results.agreement:
             kappa = "n/a" if row.kappa is None else f"{row.kappa:.2f}"
             lines.append(
                 f"| {row.suite} | {row.lang} | {' vs '.join(row.judges)} | {row.n} | "
-                f"{100 * row.rate:.0f}% | {kappa} |"
+                f"{100 * row.rate:.0f}% | {kappa} | {row.no_verdict} |"
             )
         lines.append("")
     if extra:

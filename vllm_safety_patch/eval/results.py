@@ -94,6 +94,7 @@ class Agreement(BaseModel):
     agree: int
     rate: float
     kappa: float | None
+    no_verdict: int = Field(0, description="replies left out: a judge gave no readable verdict")
 
     @classmethod
     def build(
@@ -116,6 +117,7 @@ class Agreement(BaseModel):
             agree=agree,
             rate=agree / len(pairs) if pairs else 0.0,
             kappa=cohen_kappa(left, right),
+            no_verdict=len(a) - len(pairs),
         )
 
 
