@@ -187,12 +187,17 @@ class Server:
         return cls("stock", argv, engine_env(stock=True), setup.work / f"stock-{port}.log")
 
     @classmethod
-    def vsp(cls, setup: Setup, deltas: str, extra: Sequence[str] = ()) -> Server:
+    def vsp(
+        cls, setup: Setup, deltas: str, lora: str | None = None, extra: Sequence[str] = ()
+    ) -> Server:
+        """`vsp serve --deltas DELTAS` (merged at load); ``lora``: also `--lora LORA`."""
         port = free_port()
         argv = [VSP, "serve", "--model", str(setup.model), "--delta-dir", str(setup.delta_dir)]
         argv += ["--deltas", deltas, "--admin-token-file", str(setup.token_file)]
+        argv += ["--lora", lora] if lora else []
         argv += ["--port", str(port), "--", *setup.flags(), *extra]
-        return cls(f"vsp-{deltas}", argv, engine_env(stock=False), setup.work / f"vsp-{port}.log")
+        name = f"vsp-{deltas}" + (f"+lora-{lora}" if lora else "")
+        return cls(name, argv, engine_env(stock=False), setup.work / f"vsp-{port}.log")
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
         """Start and wait for ``/health``; returns (and keeps) the seconds it took."""
@@ -464,6 +469,7 @@ def alternate(arms: Sequence[Arm], pairs: int, concurrency: int, warmup: int) ->
     of the machine's background load then hits both arms alike. Prints every round."""
     for arm in arms:
         run_load(arm.server, arm.bodies[:warmup], min(concurrency, warmup))
+        print(f"  {arm.server.name} warmed up; quiet after {settle(arm.server):.1f} s", flush=True)
     for pair in range(pairs):
         order = arms if pair % 2 == 0 else list(reversed(arms))
         for arm in order:
@@ -473,9 +479,26 @@ def alternate(arms: Sequence[Arm], pairs: int, concurrency: int, warmup: int) ->
             for other, cpu in zip(others, before, strict=True):
                 other.idle_cpu.append(other.server.cpu_seconds() - cpu)
             arm.loads.append(load)
-            print(f"  pair {pair + 1} {arm.server.name:>10}: {load.summary()}", flush=True)
+            quiet = settle(arm.server)
+            print(f"  pair {pair + 1} {arm.server.name:>10}: {load.summary()}; quiet after "
+                  f"{quiet:.1f} s", flush=True)
             if len(load.ok) < len(load.replies):
                 print(f"    first error: {next(r.error for r in load.replies if r.error)}")
+
+
+def settle(server: Server, limit_s: float = 30) -> float:
+    """Wait until a server that just finished a round is idle (its engine's threads keep
+    spinning for a while after the last request): seconds waited. Without this, the tail of
+    one arm's round would run into the start of the other arm's."""
+    started = time.monotonic()
+    last = server.cpu_seconds()
+    while time.monotonic() - started < limit_s:
+        time.sleep(0.5)
+        now = server.cpu_seconds()
+        if now - last < 0.02:  # under 4% of one core
+            break
+        last = now
+    return time.monotonic() - started
 
 
 def ratio_line(label: str, values: Sequence[float], target: str) -> str:
