@@ -206,7 +206,10 @@ class Server:
         started = time.monotonic()
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() reaches the engine
             )
         while True:
@@ -358,6 +361,10 @@ class Load:
     def mean_latency(self) -> float:
         return statistics.fmean(r.latency for r in self.ok)
 
+    def served(self) -> str:
+        """The X-Safety-Deltas values the answers carried ('-' for none: stock vLLM)."""
+        return ", ".join(sorted({r.headers.get("x-safety-deltas", "-") for r in self.ok}))
+
     def summary(self) -> str:
         failed = len(self.replies) - len(self.ok)
         return (
@@ -451,6 +458,18 @@ def post_json(url: str, body: dict, token: str | None = None, timeout: float = 9
     return httpx.post(url, json=body, headers=headers, timeout=timeout)
 
 
+def counted_requests(server: Server) -> float:
+    """The sum of ``vsp_requests_total`` on the server's /metrics (our refusal metrics)."""
+    import httpx
+
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vsp_requests_total{")
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Alternating comparison of two live servers
 # ---------------------------------------------------------------------------------------
@@ -480,8 +499,11 @@ def alternate(arms: Sequence[Arm], pairs: int, concurrency: int, warmup: int) ->
                 other.idle_cpu.append(other.server.cpu_seconds() - cpu)
             arm.loads.append(load)
             quiet = settle(arm.server)
-            print(f"  pair {pair + 1} {arm.server.name:>10}: {load.summary()}; quiet after "
-                  f"{quiet:.1f} s", flush=True)
+            print(
+                f"  pair {pair + 1} {arm.server.name:>10}: {load.summary()}; quiet after "
+                f"{quiet:.1f} s",
+                flush=True,
+            )
             if len(load.ok) < len(load.replies):
                 print(f"    first error: {next(r.error for r in load.replies if r.error)}")
 
@@ -518,7 +540,6 @@ def machine_note() -> str:
     mine = str(os.getpid())
     others = [line for line in out.stdout.splitlines() if not line.startswith(mine + " ")]
     load = os.getloadavg()[0]
-    return (
-        f"load average {load:.2f} on {os.cpu_count()} cores; "
-        + (f"SHARED with: {'; '.join(o[:80] for o in others)}" if others else "no other jobs")
+    return f"load average {load:.2f} on {os.cpu_count()} cores; " + (
+        f"SHARED with: {'; '.join(o[:80] for o in others)}" if others else "no other jobs"
     )

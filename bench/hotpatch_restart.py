@@ -23,7 +23,6 @@ import statistics
 import time
 
 import httpx
-
 from _common import ADMIN_TOKEN, Server, machine_note, post_json, prepare, prompts
 
 TARGET = 50.0
@@ -81,10 +80,13 @@ def main() -> None:
             wall, reply = activate(first, names)
             switch = reply["switch"]
             (to_all if names else to_none).append(wall)
-            print(f"  switch to {names or 'base'}: {wall:.3f} s at the client; server: verify "
-                  f"{switch['verify_seconds']:.3f}, drain {switch['drain_seconds']:.3f}, reload "
-                  f"{switch['reload_seconds']:.3f} ({switch['tensors']} tensors), total "
-                  f"{switch['total_seconds']:.3f} s", flush=True)
+            print(
+                f"  switch to {names or 'base'}: {wall:.3f} s at the client; server: verify "
+                f"{switch['verify_seconds']:.3f}, drain {switch['drain_seconds']:.3f}, reload "
+                f"{switch['reload_seconds']:.3f} ({switch['tensors']} tensors), total "
+                f"{switch['total_seconds']:.3f} s",
+                flush=True,
+            )
         seconds, header, patched_answer = probe(first, text, args.max_tokens)
         print(f"after the hot patch: served '{header}', probe {seconds:.2f} s")
     finally:
@@ -103,9 +105,11 @@ def main() -> None:
     print(f"probe answer, hot patch: {patched_answer!r}")
     print(f"probe answer, restart:   {restarted_answer!r}")
     print(f"hot patch and restart serve the same weights (identical greedy answer): {same}")
-    print(f"hot patch to 'all': median {hot:.3f} s of {len(to_all)} "
-          f"(min {min(to_all):.3f}, max {max(to_all):.3f}); back to base: median "
-          f"{statistics.median(to_none) if to_none else float('nan'):.3f} s")
+    print(
+        f"hot patch to 'all': median {hot:.3f} s of {len(to_all)} "
+        f"(min {min(to_all):.3f}, max {max(to_all):.3f}); back to base: median "
+        f"{statistics.median(to_none) if to_none else float('nan'):.3f} s"
+    )
     print(f"restart to the same weights: {restart:.1f} s (stop {stop:.1f} + start {start_all:.1f})")
     ratio = restart / hot
     verdict = "MET" if ratio >= TARGET else "MISSED"

@@ -19,8 +19,17 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from _common import SERVED_NAME, Arm, Server, alternate, chat_body, machine_note, prepare
-from _common import prompts, ratio_line
+from _common import (
+    SERVED_NAME,
+    Arm,
+    Server,
+    alternate,
+    chat_body,
+    machine_note,
+    prepare,
+    prompts,
+    ratio_line,
+)
 
 
 def main() -> None:
@@ -38,15 +47,16 @@ def main() -> None:
     texts = [setup.clip(text) for _, text in prompts(args.n)]
     merged_bodies = [chat_body(text, args.max_tokens) for text in texts]
     # Every k-th request asks for the adapter, evenly spread over the round.
-    lora_bodies = [
-        chat_body(text, args.max_tokens, model="all" if _picked(i, args.lora_share) else SERVED_NAME)
-        for i, text in enumerate(texts)
-    ]
+    names = ["all" if _picked(i, args.lora_share) else SERVED_NAME for i in range(len(texts))]
+    chosen = zip(texts, names, strict=True)
+    lora_bodies = [chat_body(text, args.max_tokens, model=name) for text, name in chosen]
     share = sum(body["model"] == "all" for body in lora_bodies) / len(lora_bodies)
     print(f"machine: {machine_note()}")
-    print(f"model {setup.model}; {args.n} requests a round ({share:.0%} ask for the LoRA "
-          f"adapter in the lora arm), concurrency {args.concurrency}, {args.max_tokens} tokens "
-          f"each (ignore_eos), {args.pairs} rounds per arm")
+    print(
+        f"model {setup.model}; {args.n} requests a round ({share:.0%} ask for the LoRA "
+        f"adapter in the lora arm), concurrency {args.concurrency}, {args.max_tokens} tokens "
+        f"each (ignore_eos), {args.pairs} rounds per arm"
+    )
     merged = Server.vsp(setup, "all")
     lora = Server.vsp(setup, "none", lora="all")
     with merged, lora:
@@ -58,16 +68,34 @@ def main() -> None:
     pairs = list(zip(merged_arm.loads, lora_arm.loads, strict=True))
     for arm in arms:
         tps = [load.tokens_per_s for load in arm.loads]
-        print(f"{arm.server.name:>17}: tokens/s median {statistics.median(tps):.1f}; "
-              f"TTFT p50 median {statistics.median(x.ttft(0.5) for x in arm.loads):.3f} s, "
-              f"p95 median {statistics.median(x.ttft(0.95) for x in arm.loads):.3f} s; "
-              f"CPU while idle: {max(arm.idle_cpu):.2f} s at most a round")
-    print(ratio_line("throughput lora/merged", [b.tokens_per_s / a.tokens_per_s for a, b in pairs],
-                     "(1 = free)"))
-    print(ratio_line("TTFT p50 speed merged/lora", [a.ttft(0.5) / b.ttft(0.5) for a, b in pairs],
-                     "(1 = free)"))
-    print(ratio_line("TTFT p95 speed merged/lora",
-                     [a.ttft(0.95) / b.ttft(0.95) for a, b in pairs], "(1 = free)"))
+        print(
+            f"{arm.server.name:>17}: tokens/s median {statistics.median(tps):.1f}; "
+            f"TTFT p50 median {statistics.median(x.ttft(0.5) for x in arm.loads):.3f} s, "
+            f"p95 median {statistics.median(x.ttft(0.95) for x in arm.loads):.3f} s; "
+            f"CPU while idle: {max(arm.idle_cpu):.2f} s at most a round; "
+            f"X-Safety-Deltas: {arm.loads[-1].served()}"
+        )
+    print(
+        ratio_line(
+            "throughput lora/merged",
+            [b.tokens_per_s / a.tokens_per_s for a, b in pairs],
+            "(1 = free)",
+        )
+    )
+    print(
+        ratio_line(
+            "TTFT p50 speed merged/lora",
+            [a.ttft(0.5) / b.ttft(0.5) for a, b in pairs],
+            "(1 = free)",
+        )
+    )
+    print(
+        ratio_line(
+            "TTFT p95 speed merged/lora",
+            [a.ttft(0.95) / b.ttft(0.95) for a, b in pairs],
+            "(1 = free)",
+        )
+    )
     print(f"machine after: {machine_note()}")
 
 

@@ -25,9 +25,16 @@ import statistics
 import time
 from collections import Counter
 
-import httpx
-
-from _common import Reply, Server, chat_body, machine_note, prepare, prompts, run_load
+from _common import (
+    Reply,
+    Server,
+    chat_body,
+    counted_requests,
+    machine_note,
+    prepare,
+    prompts,
+    run_load,
+)
 
 TARGET = 0.01
 
@@ -86,20 +93,17 @@ def main() -> None:
     # Real answers (no ignore_eos): a refusal ends early, as in production.
     bodies = [chat_body(setup.clip(text), args.max_tokens, ignore_eos=False) for _, text in chosen]
     print(f"machine: {machine_note()}")
-    print(f"model {setup.model}; {args.n} MultiJail chats, concurrency {args.concurrency}, "
-          f"max {args.max_tokens} tokens, streamed")
+    print(
+        f"model {setup.model}; {args.n} MultiJail chats, concurrency {args.concurrency}, "
+        f"max {args.max_tokens} tokens, streamed"
+    )
     with Server.vsp(setup, "all") as server:
         print(f"vsp serve healthy after {server.start():.1f} s", flush=True)
         run_load(server, bodies[:2], 2)  # warm-up
         before = server.cpu_seconds()
         load = run_load(server, bodies, args.concurrency)
         server_cpu = server.cpu_seconds() - before
-        text = httpx.get(server.url + "/metrics", timeout=30).text
-    counted = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vsp_requests_total{")
-    )
+        counted = counted_requests(server)
     print(f"traffic: {load.summary()}")
     print(f"/metrics counted {counted:.0f} requests (sent {args.n} + 2 warm-up)")
     if len(load.ok) < len(load.replies):
@@ -123,18 +127,26 @@ def main() -> None:
     request_time = load.mean_latency
     right = sum(lang == identified for lang, identified, _ in found)
     refusals = Counter(lang for lang, _, refused in found if refused)
-    print(f"language ID right for {right}/{len(found)} prompts; refusals judged: "
-          + (", ".join(f"{k} {v}" for k, v in sorted(refusals.items())) or "none"))
+    print(
+        f"language ID right for {right}/{len(found)} prompts; refusals judged: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(refusals.items())) or "none")
+    )
     events_mean = statistics.fmean(len(m) for m in messages)
-    print(f"tap cost a request: mean {cost * 1e6:.0f} us, p95 "
-          f"{statistics.quantiles(per_request, n=20)[-1] * 1e6:.0f} us "
-          f"({events_mean:.0f} SSE events a request on average, {len(per_request)} replays)")
-    print(f"mean request time: {request_time:.2f} s; server CPU a request: "
-          f"{server_cpu / args.n:.2f} s (all its processes)")
+    print(
+        f"tap cost a request: mean {cost * 1e6:.0f} us, p95 "
+        f"{statistics.quantiles(per_request, n=20)[-1] * 1e6:.0f} us "
+        f"({events_mean:.0f} SSE events a request on average, {len(per_request)} replays)"
+    )
+    print(
+        f"mean request time: {request_time:.2f} s; server CPU a request: "
+        f"{server_cpu / args.n:.2f} s (all its processes)"
+    )
     share = cost / request_time
     verdict = "MET" if share < TARGET else "MISSED"
-    print(f"metrics cost / request time: {share * 100:.4f}% (target < {TARGET * 100:.0f}%): "
-          f"{verdict}; / server CPU a request: {cost / (server_cpu / args.n) * 100:.4f}%")
+    print(
+        f"metrics cost / request time: {share * 100:.4f}% (target < {TARGET * 100:.0f}%): "
+        f"{verdict}; / server CPU a request: {cost / (server_cpu / args.n) * 100:.4f}%"
+    )
     print(f"machine after: {machine_note()}")
 
 

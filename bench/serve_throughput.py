@@ -21,8 +21,19 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from _common import Arm, Server, alternate, chat_body, check_stock, export, machine_note
-from _common import prepare, prompts, ratio_line
+from _common import (
+    Arm,
+    Server,
+    alternate,
+    chat_body,
+    check_stock,
+    counted_requests,
+    export,
+    machine_note,
+    prepare,
+    prompts,
+    ratio_line,
+)
 
 TARGET = 0.99
 
@@ -42,8 +53,10 @@ def main() -> None:
     merged = export(setup, "merged")
     bodies = [chat_body(setup.clip(text), args.max_tokens) for _, text in prompts(args.n)]
     print(f"machine: {machine_note()}")
-    print(f"model {setup.model}; {args.n} requests a round, concurrency {args.concurrency}, "
-          f"{args.max_tokens} tokens each (ignore_eos), {args.pairs} rounds per arm")
+    print(
+        f"model {setup.model}; {args.n} requests a round, concurrency {args.concurrency}, "
+        f"{args.max_tokens} tokens each (ignore_eos), {args.pairs} rounds per arm"
+    )
     stock = Server.stock(setup, merged)
     ours = Server.vsp(setup, "all")
     with stock, ours:
@@ -52,29 +65,22 @@ def main() -> None:
             print(f"{server.name}: healthy after {server.start():.1f} s", flush=True)
         arms = [Arm(stock, bodies), Arm(ours, bodies)]
         alternate(arms, args.pairs, args.concurrency, args.warmup)
-        check = ours.url + "/metrics"
-        import httpx
-
-        counted = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in httpx.get(check, timeout=30).text.splitlines()
-            if line.startswith("vsp_requests_total{")
-        )
+        counted = counted_requests(ours)
     stock_arm, vsp_arm = arms
-    throughput = [
-        v.tokens_per_s / s.tokens_per_s for s, v in zip(stock_arm.loads, vsp_arm.loads, strict=True)
-    ]
-    ttft50 = [s.ttft(0.5) / v.ttft(0.5) for s, v in zip(stock_arm.loads, vsp_arm.loads, strict=True)]
-    ttft95 = [
-        s.ttft(0.95) / v.ttft(0.95) for s, v in zip(stock_arm.loads, vsp_arm.loads, strict=True)
-    ]
+    pairs = list(zip(stock_arm.loads, vsp_arm.loads, strict=True))
+    throughput = [v.tokens_per_s / s.tokens_per_s for s, v in pairs]
+    ttft50 = [s.ttft(0.5) / v.ttft(0.5) for s, v in pairs]
+    ttft95 = [s.ttft(0.95) / v.ttft(0.95) for s, v in pairs]
     print(f"vsp serve counted {counted:.0f} requests in vsp_requests_total (metrics on)")
     for arm in arms:
         tps = [load.tokens_per_s for load in arm.loads]
-        print(f"{arm.server.name:>8}: tokens/s median {statistics.median(tps):.1f}; "
-              f"TTFT p50 median {statistics.median(x.ttft(0.5) for x in arm.loads):.3f} s, "
-              f"p95 median {statistics.median(x.ttft(0.95) for x in arm.loads):.3f} s; "
-              f"CPU while idle: {max(arm.idle_cpu):.2f} s at most a round")
+        print(
+            f"{arm.server.name:>8}: tokens/s median {statistics.median(tps):.1f}; "
+            f"TTFT p50 median {statistics.median(x.ttft(0.5) for x in arm.loads):.3f} s, "
+            f"p95 median {statistics.median(x.ttft(0.95) for x in arm.loads):.3f} s; "
+            f"CPU while idle: {max(arm.idle_cpu):.2f} s at most a round; "
+            f"X-Safety-Deltas: {arm.loads[-1].served()}"
+        )
     for label, values in (
         ("throughput vsp/stock", throughput),
         ("TTFT p50 speed stock/vsp", ttft50),
