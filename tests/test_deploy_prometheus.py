@@ -1,9 +1,10 @@
 """deploy/prometheus and the dashboard against real Prometheus and a real ``vsp serve``.
 
 ``promtool`` checks the compose stack's config and the rules and runs the rules' unit tests;
-then Debian's ``prometheus`` scrapes a live ``vsp serve`` (tiny random-weight model) on
-loopback every second with the same rules loaded, and the tests read the refusal series,
-the rules' health and every dashboard query back through Prometheus' HTTP API.
+then Debian's ``prometheus`` scrapes a live ``vsp serve`` (tiny random-weight model, started
+through the images' entry point and health check) on loopback every second with the same
+rules loaded, and the tests read the refusal series, the rules' health and every dashboard
+query back through Prometheus' HTTP API.
 """
 
 from __future__ import annotations
@@ -78,21 +79,20 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterat
     token_file = root / "admin-token"
     token_file.write_text(TOKEN + "\n")
     port = free_port()
-    vsp = Path(sys.executable).with_name("vsp")
+    # Started the way the images start it: the entry point, configured by environment.
+    env = engine_env(sorted(os.sched_getaffinity(0))[-1])
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        VSP_MODEL=str(tiny_qwen2),
+        VSP_DELTA_DIR=str(delta_dir),
+        VSP_DELTAS="deploy",
+        VSP_ADMIN_TOKEN_FILE=str(token_file),
+        VSP_HOST="127.0.0.1",  # loopback only in tests (the images listen on 0.0.0.0)
+        VSP_PORT=str(port),
+    )
     command = [
-        *([str(vsp)] if vsp.exists() else [sys.executable, "-m", "vllm_safety_patch.cli"]),
-        "serve",
-        "--model",
-        str(tiny_qwen2),
-        "--delta-dir",
-        str(delta_dir),
-        "--deltas",
-        "deploy",
-        "--admin-token-file",
-        str(token_file),
-        "--port",
-        str(port),
-        "--",
+        "bash",
+        str(DEPLOY / "docker" / "entrypoint.sh"),
         "--max-model-len",
         "512",
         "--seed",
@@ -102,7 +102,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterat
     with log.open("w") as handle:
         process = subprocess.Popen(
             command,
-            env=engine_env(sorted(os.sched_getaffinity(0))[-1]),
+            env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -110,7 +110,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterat
     try:
         url = f"http://127.0.0.1:{port}"
         seconds = wait_healthy(process, url, log, START_TIMEOUT_S)
-        print(f"\nvsp serve (deploy): healthy after {seconds:.1f} s")
+        print(f"\nvsp serve (deploy entry point): healthy after {seconds:.1f} s")
+        # The images' HEALTHCHECK agrees.
+        check = [sys.executable, str(DEPLOY / "docker" / "healthcheck.py")]
+        assert subprocess.run(check, env=env, timeout=30).returncode == 0
         label = f"{delta.group}@{delta.manifest.base_model.fingerprint[:12]}"
         yield {"url": url, "port": port, "model": str(tiny_qwen2), "label": label}
     finally:
