@@ -6,6 +6,7 @@ and port, Grafana's data source points at Prometheus and loads the dashboard."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,12 @@ from test_deploy_tools import (
 COMPOSE = DEPLOY / "compose.yaml"
 
 
-def compose(*args: str, cwd: Path = DEPLOY, env: dict | None = None) -> subprocess.CompletedProcess:
+# Variables compose.yaml interpolates: the tests read its defaults, not this shell's values.
+INTERPOLATED = ("VSP_", "VLLM_", "GRAFANA_")
+
+
+def compose(*args: str, cwd: Path = DEPLOY) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(INTERPOLATED)}
     return subprocess.run(
         [tool("docker-compose", EXTRA_FIX), *args],
         capture_output=True,
