@@ -53,8 +53,15 @@ def _progress() -> Progress:
     )
 
 
-def _source(base_url, model, api_key, engine, deltas, retries):
-    """The reply source the options name: a server, or an in-process engine."""
+def _source(
+    base_url: str | None,
+    model: str | None,
+    api_key: str | None,
+    engine: str,
+    deltas: list[Path],
+    retries: int,
+) -> tuple[Any, str]:
+    """The reply source the options name (a server, or an in-process engine) and a label."""
     from vllm_safety_patch.eval.harness import EndpointSource, InProcessSource
     from vllm_safety_patch.eval.openai_client import ChatEndpoint, RetryPolicy
 
