@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,21 @@ def engine_env(core: int) -> dict[str, str]:
     for name in ("VSP_DELTAS", "VSP_ADMIN_TOKEN", "VSP_ADMIN_TOKEN_FILE", "VLLM_PLUGINS"):
         env.pop(name, None)
     return env
+
+
+def vsp_command(*args: str) -> list[str]:
+    """``vsp ARGS`` with this interpreter's console script (or ``python -m`` without one)."""
+    vsp = Path(sys.executable).with_name("vsp")
+    prefix = [str(vsp)] if vsp.exists() else [sys.executable, "-m", "vllm_safety_patch.cli"]
+    return [*prefix, *args]
+
+
+def start_logged(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A server in a session of its own (so its whole group can be stopped), output to ``log``."""
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def free_port() -> int:

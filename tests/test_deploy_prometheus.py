@@ -23,7 +23,14 @@ from typing import Any
 import pytest
 from conftest import make_delta
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import engine_env, free_port, request, stop_process_group, wait_healthy
+from serving_helpers import (
+    engine_env,
+    free_port,
+    request,
+    start_logged,
+    stop_process_group,
+    wait_healthy,
+)
 from test_deploy_tools import (
     DEPLOY,
     PROMETHEUS_FIX,
@@ -99,14 +106,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterat
         "0",
     ]
     log = root / "server.log"
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            command,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_logged(command, env, log)
     try:
         url = f"http://127.0.0.1:{port}"
         seconds = wait_healthy(process, url, log, START_TIMEOUT_S)

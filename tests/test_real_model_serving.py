@@ -16,14 +16,21 @@ order); the first two start together, the LoRA server after the merged one stops
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_helpers import engine_env, free_port, request, stop_process_group, wait_healthy
+from serving_helpers import (
+    engine_env,
+    free_port,
+    request,
+    start_logged,
+    stop_process_group,
+    vsp_command,
+    wait_healthy,
+)
 
 from vllm_safety_patch.data import load_prompts
 from vllm_safety_patch.delta.export import write_merged_checkpoint
@@ -52,10 +59,7 @@ def prompts() -> list[tuple[str, str]]:
 
 def start(command: list[str], core: int, log: Path, env_extra: dict[str, str] | None = None):
     env = {**engine_env(core), "VLLM_CPU_KVCACHE_SPACE": "1", **(env_extra or {})}
-    with log.open("w") as handle:
-        return subprocess.Popen(
-            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    return start_logged(command, env, log)
 
 
 def stock_command(model: Path, port: int, name: str, extra: list[str] = ()) -> list[str]:
@@ -125,11 +129,9 @@ def artefacts(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def outputs(artefacts: dict) -> Iterator[dict]:
     """Replies of the three servers (the vsp server stays up for the hot-patch test)."""
     root = artefacts["root"]
-    vsp = Path(sys.executable).with_name("vsp")
     vsp_port, stock_port = free_port(), free_port()
     vsp_url, stock_url = f"http://127.0.0.1:{vsp_port}", f"http://127.0.0.1:{stock_port}"
-    vsp_command = [
-        *([str(vsp)] if vsp.exists() else [sys.executable, "-m", "vllm_safety_patch.cli"]),
+    serve_command = vsp_command(
         "serve",
         "--model",
         str(artefacts["model"]),
@@ -141,9 +143,9 @@ def outputs(artefacts: dict) -> Iterator[dict]:
         str(vsp_port),
         "--",
         *VLLM_FLAGS,
-    ]
+    )
     started = time.monotonic()
-    server = start(vsp_command, 0, root / "vsp.log")
+    server = start(serve_command, 0, root / "vsp.log")
     stock = start(stock_command(artefacts["merged"], stock_port, "merged"), 1, root / "stock.log")
     lora = None
     try:
@@ -160,7 +162,7 @@ def outputs(artefacts: dict) -> Iterator[dict]:
         lora_port = free_port()
         lora_url = f"http://127.0.0.1:{lora_port}"
         lora_command = [
-            *vsp_command[: vsp_command.index("--deltas")],
+            *serve_command[: serve_command.index("--deltas")],
             "--deltas",
             "none",
             "--lora",

@@ -27,7 +27,15 @@ from typing import Any
 
 import pytest
 from conftest import random_edit
-from serving_helpers import engine_env, free_port, request, stop_process_group, wait_healthy
+from serving_helpers import (
+    engine_env,
+    free_port,
+    request,
+    start_logged,
+    stop_process_group,
+    vsp_command,
+    wait_healthy,
+)
 
 from vllm_safety_patch.delta.build import build_delta
 from vllm_safety_patch.delta.export import write_merged_checkpoint
@@ -130,9 +138,7 @@ def server(files: dict) -> Iterator[dict]:
     # The worker methods come from the general plugin (vllm_plugin.register), as in production.
     extra = ["--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
     port = free_port()
-    vsp = Path(sys.executable).with_name("vsp")
-    command = [
-        *([str(vsp)] if vsp.exists() else [sys.executable, "-m", "vllm_safety_patch.cli"]),
+    command = vsp_command(
         "serve",
         "--model",
         str(files["model"]),
@@ -146,16 +152,9 @@ def server(files: dict) -> Iterator[dict]:
         str(port),
         "--",
         *extra,
-    ]
+    )
     log = root / "server.log"
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            command,
-            env=engine_env(cores[-1]),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_logged(command, engine_env(cores[-1]), log)
     try:
         base_url = f"http://127.0.0.1:{port}"
         start_seconds = wait_healthy(process, base_url, log, START_TIMEOUT_S)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +17,15 @@ import pytest
 from conftest import make_delta
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import engine_env, free_port, request, stop_process_group, wait_healthy
+from serving_helpers import (
+    engine_env,
+    free_port,
+    request,
+    start_logged,
+    stop_process_group,
+    vsp_command,
+    wait_healthy,
+)
 from starlette.datastructures import State
 
 from vllm_safety_patch.data import load_prompts
@@ -285,9 +291,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterator
     token_file = root / "admin-token"
     token_file.write_text(TOKEN + "\n")
     port = free_port()
-    vsp = Path(sys.executable).with_name("vsp")
-    command = [
-        *([str(vsp)] if vsp.exists() else [sys.executable, "-m", "vllm_safety_patch.cli"]),
+    command = vsp_command(
         "serve",
         "--model",
         str(tiny_qwen2),
@@ -304,17 +308,9 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterator
         "512",
         "--seed",
         "0",
-    ]
+    )
     log = root / "server.log"
-    cores = sorted(os.sched_getaffinity(0))
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            command,
-            env=engine_env(cores[-1]),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_logged(command, engine_env(sorted(os.sched_getaffinity(0))[-1]), log)
     try:
         url = f"http://127.0.0.1:{port}"
         seconds = wait_healthy(process, url, log, START_TIMEOUT_S)
