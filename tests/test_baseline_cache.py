@@ -42,3 +42,20 @@ def test_identity_changes_when_a_file_changes(tmp_path: Path) -> None:
     assert checkpoint_identity(tmp_path) == before
     (tmp_path / "model.safetensors").write_bytes(b"12345")
     assert checkpoint_identity(tmp_path) != before
+
+
+def test_chunks_are_saved_as_they_finish(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.json"
+
+    def dies_on_the_second_chunk(delta_paths, requests):
+        if requests[0][0] == "c":
+            raise RuntimeError("engine died")
+        return [prompt for prompt, _ in requests]
+
+    generate = cached_baseline(dies_on_the_second_chunk, cache, "m", "vllm", chunk=2)
+    try:
+        generate([], [("a", 8), ("b", 8), ("c", 8)])
+    except RuntimeError:
+        pass
+    again = cached_baseline(lambda d, r: ["new"] * len(r), cache, "m", "vllm", chunk=2)
+    assert again([], [("a", 8), ("b", 8), ("c", 8)]) == ["a", "b", "new"]

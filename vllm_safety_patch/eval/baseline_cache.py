@@ -31,7 +31,9 @@ def _key(identity: str, engine: str, prompt: str, max_tokens: int) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def cached_baseline(generate: Generator, cache_file: Path, identity: str, engine: str):
+def cached_baseline(
+    generate: Generator, cache_file: Path, identity: str, engine: str, chunk: int = 256
+):
     """``generate`` with base-weight replies read from / added to ``cache_file`` (JSON)."""
 
     def load() -> dict[str, str]:
@@ -46,13 +48,15 @@ def cached_baseline(generate: Generator, cache_file: Path, identity: str, engine
         store = load()
         keys = [_key(identity, engine, prompt, tokens) for prompt, tokens in requests]
         missing = [i for i, key in enumerate(keys) if key not in store]
-        if missing:
-            fresh = generate([], [requests[i] for i in missing])
-            store.update({keys[i]: reply for i, reply in zip(missing, fresh, strict=True)})
+        # In chunks, each saved when done: a run killed midway keeps what it generated.
+        for start in range(0, len(missing), chunk):
+            part = missing[start : start + chunk]
+            fresh = generate([], [requests[i] for i in part])
+            store.update({keys[i]: reply for i, reply in zip(part, fresh, strict=True)})
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             staging = cache_file.with_suffix(".tmp")
             staging.write_text(json.dumps(store, ensure_ascii=False))
-            os.replace(staging, cache_file)  # atomic: an interrupted run leaves the old cache
+            os.replace(staging, cache_file)  # atomic: an interrupted write leaves the old cache
         return [store[key] for key in keys]
 
     return cached
