@@ -38,6 +38,15 @@ ADMIN_TOKEN = "bench-admin-token-0123456789abcdef0123"
 START_TIMEOUT_S = 600
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# `timeout` and schedulers stop a benchmark with SIGTERM, which by default ends Python
+# without unwinding: the servers' `with` blocks would never stop them. Unwind instead.
+signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 # ---------------------------------------------------------------------------------------
 # Models and deltas
 # ---------------------------------------------------------------------------------------
@@ -521,6 +530,11 @@ def settle(server: Server, limit_s: float = 30) -> float:
             break
         last = now
     return time.monotonic() - started
+
+
+def pooled_tokens_per_s(loads: Sequence[Load]) -> float:
+    """All rounds' tokens over all rounds' seconds."""
+    return sum(sum(r.tokens for r in load.ok) for load in loads) / sum(load.wall for load in loads)
 
 
 def ratio_line(label: str, values: Sequence[float], target: str) -> str:

@@ -26,6 +26,7 @@ from _common import (
     alternate,
     chat_body,
     machine_note,
+    pooled_tokens_per_s,
     prepare,
     prompts,
     ratio_line,
@@ -96,6 +97,8 @@ def main() -> None:
             "(1 = free)",
         )
     )
+    pooled = pooled_tokens_per_s(lora_arm.loads) / pooled_tokens_per_s(merged_arm.loads)
+    print(f"throughput lora/merged pooled over all rounds (tokens / seconds): {pooled:.3f}")
     print(f"machine after: {machine_note()}")
 
 

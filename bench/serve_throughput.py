@@ -30,12 +30,22 @@ from _common import (
     counted_requests,
     export,
     machine_note,
+    pooled_tokens_per_s,
     prepare,
     prompts,
     ratio_line,
 )
 
 TARGET = 0.99
+
+
+def verdict(values: list[float]) -> str:
+    """MET / MISSED only when every pair agrees; a spread across the target resolves nothing."""
+    if min(values) >= TARGET:
+        return "MET"
+    if max(values) < TARGET:
+        return "MISSED"
+    return f"NOT RESOLVED (median {statistics.median(values):.3f}; the pairs span the target)"
 
 
 def main() -> None:
@@ -86,8 +96,9 @@ def main() -> None:
         ("TTFT p50 speed stock/vsp", ttft50),
         ("TTFT p95 speed stock/vsp", ttft95),
     ):
-        verdict = "MET" if statistics.median(values) >= TARGET else "MISSED"
-        print(ratio_line(label, values, f"target >= {TARGET}: {verdict}"))
+        print(ratio_line(label, values, f"target >= {TARGET}: {verdict(values)}"))
+    pooled = pooled_tokens_per_s(vsp_arm.loads) / pooled_tokens_per_s(stock_arm.loads)
+    print(f"throughput vsp/stock pooled over all rounds (tokens / seconds): {pooled:.3f}")
     print(f"machine after: {machine_note()}")
 
 
