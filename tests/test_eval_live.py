@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import make_delta
-from serving_helpers import engine_env, free_port, stop_process_group, wait_healthy
+from serving_helpers import (
+    engine_env,
+    free_port,
+    start_logged,
+    stop_process_group,
+    vsp_command,
+    wait_healthy,
+)
 from typer.testing import CliRunner
 
 from vllm_safety_patch.cli import app
@@ -29,9 +34,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterat
     delta = root / "eval.safetensors"
     delta.write_bytes(blob)
     port = free_port()
-    vsp = Path(sys.executable).with_name("vsp")
-    command = [
-        *([str(vsp)] if vsp.exists() else [sys.executable, "-m", "vllm_safety_patch.cli"]),
+    command = vsp_command(
         "serve",
         "--model",
         str(tiny_qwen2),
@@ -44,17 +47,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterat
         "512",
         "--seed",
         "0",
-    ]
+    )
     log = root / "server.log"
     cores = sorted(os.sched_getaffinity(0))
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            command,
-            env=engine_env(cores[-1]),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_logged(command, engine_env(cores[-1]), log)
     try:
         url = f"http://127.0.0.1:{port}"
         seconds = wait_healthy(process, url, log, START_TIMEOUT_S)
