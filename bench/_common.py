@@ -376,6 +376,8 @@ class Load:
 
     def summary(self) -> str:
         failed = len(self.replies) - len(self.ok)
+        if not self.ok:
+            return f"all {failed} requests FAILED"
         return (
             f"{self.tokens_per_s:6.1f} tok/s, TTFT p50 {self.ttft(0.5):6.3f} s "
             f"p95 {self.ttft(0.95):6.3f} s, mean latency {self.mean_latency:6.2f} s, "
@@ -514,7 +516,11 @@ def alternate(arms: Sequence[Arm], pairs: int, concurrency: int, warmup: int) ->
                 flush=True,
             )
             if len(load.ok) < len(load.replies):
-                print(f"    first error: {next(r.error for r in load.replies if r.error)}")
+                # A round that lost requests did less work: its ratio would mean nothing.
+                error = next(r.error for r in load.replies if r.error)
+                raise SystemExit(
+                    f"{arm.server.name}: requests failed ({error}); see {arm.server.log}"
+                )
 
 
 def settle(server: Server, limit_s: float = 30) -> float:
