@@ -85,7 +85,6 @@ def main() -> None:
                 update={"multijail_ids": (0, args.pairs), "english_harmless": args.pairs}
             )
             config = config.model_copy(update={"data": data})
-    torch.set_num_threads(torch.get_num_threads())
     languages = config.groups[args.group]
     # Floor, solve, floor again: background load and warm caches hit both sides alike.
     floors = [floor_seconds(model_dir, config, languages)]
@@ -102,7 +101,11 @@ def main() -> None:
         f"solve total: {timings.total_seconds:.1f} s (forward+statistics "
         f"{timings.forward_seconds:.1f} s, linear algebra {timings.solve_seconds:.2f} s)"
     )
-    print(f"ratio solve/floor: {timings.total_seconds / floor:.2f} (target <= 1.2)")
+    # Like with like: the floor times only the layer forward passes, so the solver's side is
+    # its forward passes (with the statistics hooks) plus the linear algebra; loading the
+    # data and the model and writing the delta are outside both.
+    solver = timings.forward_seconds + timings.solve_seconds
+    print(f"ratio solve/floor: {solver / floor:.2f} (target <= 1.2)")
 
 
 if __name__ == "__main__":
