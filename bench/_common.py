@@ -84,6 +84,16 @@ class Setup:
         return path
 
 
+def add_round_options(parser: Any) -> None:
+    """The A/B round options shared by serve_throughput.py and lora_vs_merged.py."""
+    parser.add_argument("--model", default="default", help="'default', 'tiny' or a folder")
+    parser.add_argument("--n", type=int, default=32, help="requests per round")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--pairs", type=int, default=3, help="rounds per arm")
+    parser.add_argument("--warmup", type=int, default=4, help="warm-up requests per arm")
+
+
 def prepare(model: str, name: str) -> Setup:
     """``model``: 'default', 'tiny' or a checkpoint folder (with deltas/<its name>/all)."""
     from vllm_safety_patch.config import default_model_dir

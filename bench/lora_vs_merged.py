@@ -23,6 +23,7 @@ from _common import (
     SERVED_NAME,
     Arm,
     Server,
+    add_round_options,
     alternate,
     chat_body,
     machine_note,
@@ -35,12 +36,7 @@ from _common import (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default", help="'default', 'tiny' or a folder")
-    parser.add_argument("--n", type=int, default=32, help="requests per round")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--pairs", type=int, default=3, help="rounds per arm")
-    parser.add_argument("--warmup", type=int, default=4, help="warm-up requests per arm")
+    add_round_options(parser)
     parser.add_argument("--lora-share", type=float, default=1.0, help="share asking for 'all'")
     args = parser.parse_args()
 

@@ -24,6 +24,7 @@ import statistics
 from _common import (
     Arm,
     Server,
+    add_round_options,
     alternate,
     chat_body,
     check_stock,
@@ -50,12 +51,7 @@ def verdict(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default", help="'default', 'tiny' or a folder")
-    parser.add_argument("--n", type=int, default=32, help="requests per round")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--pairs", type=int, default=3, help="rounds per arm")
-    parser.add_argument("--warmup", type=int, default=4, help="warm-up requests per arm")
+    add_round_options(parser)
     args = parser.parse_args()
 
     check_stock()
