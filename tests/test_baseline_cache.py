@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_safety_patch.eval.baseline_cache import cached_baseline, checkpoint_identity
+from vllm_safety_patch.eval.cache import cached_baseline, checkpoint_identity
 
 
 def test_base_replies_are_cached_and_delta_replies_are_not(tmp_path: Path) -> None:
@@ -14,7 +14,7 @@ def test_base_replies_are_cached_and_delta_replies_are_not(tmp_path: Path) -> No
         calls.append((list(delta_paths), list(requests)))
         return [f"{len(delta_paths)}:{prompt}:{tokens}" for prompt, tokens in requests]
 
-    cache = tmp_path / "cache.json"
+    cache = tmp_path / "cache.jsonl"
     first = cached_baseline(generate, cache, "model-a", "vllm")
     assert first([], [("a", 8), ("b", 8)]) == ["0:a:8", "0:b:8"]
     # A second run (new process, same file) generates only what is new.
@@ -29,11 +29,13 @@ def test_base_replies_are_cached_and_delta_replies_are_not(tmp_path: Path) -> No
     assert len(calls) == 5
 
 
-def test_damaged_cache_is_ignored(tmp_path: Path) -> None:
-    cache = tmp_path / "cache.json"
-    cache.write_text("{not json")
+def test_torn_lines_are_skipped(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text("{not json")  # a line torn by a killed run
     generate = cached_baseline(lambda d, r: ["x"] * len(r), cache, "m", "vllm")
     assert generate([], [("a", 8)]) == ["x"]
+    again = cached_baseline(lambda d, r: ["new"] * len(r), cache, "m", "vllm")
+    assert again([], [("a", 8)]) == ["x"]
 
 
 def test_identity_changes_when_a_file_changes(tmp_path: Path) -> None:
@@ -45,7 +47,7 @@ def test_identity_changes_when_a_file_changes(tmp_path: Path) -> None:
 
 
 def test_chunks_are_saved_as_they_finish(tmp_path: Path) -> None:
-    cache = tmp_path / "cache.json"
+    cache = tmp_path / "cache.jsonl"
 
     def dies_on_the_second_chunk(delta_paths, requests):
         if requests[0][0] == "c":

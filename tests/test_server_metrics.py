@@ -401,6 +401,7 @@ def test_live_server_metrics(live: dict) -> None:
     assert series(samples, "vsp_hotpatch_total") == 1
     assert series(samples, "vsp_hotpatch_failures_total") == 0
     assert any(name.startswith("vsp_hotpatch_seconds") for name, _ in samples)
+    assert 0 < series(samples, "vsp_metrics_overhead_seconds_total") < 1  # 5 answers judged
     print(
         "\nlive /metrics: "
         + "; ".join(

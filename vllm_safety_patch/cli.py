@@ -321,8 +321,8 @@ def measure_command(
     mgsm_tokens: Annotated[int, typer.Option(help="tokens generated per MGSM problem")] = 320,
     baseline_cache: Annotated[
         Path | None,
-        typer.Option(help="JSON cache of the base model's replies (keyed by its fingerprint)"),
-    ] = Path("build/measure-baseline.json"),
+        typer.Option(help="JSONL cache of the base model's replies (keyed by its identity)"),
+    ] = Path("build/measure-baseline.jsonl"),
 ) -> None:
     """Measure each delta on held-out rows (refusal, over-refusal, MGSM), before vs after."""
     from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
@@ -360,7 +360,7 @@ def measure_command(
         hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         generate = transformers_generator(hf_model, tokenizer)
     if baseline_cache is not None:
-        from vllm_safety_patch.eval.baseline_cache import cached_baseline, checkpoint_identity
+        from vllm_safety_patch.eval.cache import cached_baseline, checkpoint_identity
 
         identity = checkpoint_identity(model_dir)
         generate = cached_baseline(generate, baseline_cache, identity, engine)

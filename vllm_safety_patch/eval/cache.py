@@ -2,16 +2,24 @@
 
 One JSON line per reply, appended and flushed as each arrives: a run killed at any point
 loses at most the line being written, and a torn last line is skipped on reading. The key
-hashes everything that decides a greedy reply (endpoint, model, messages, sampling), so a
-changed setting never reuses a stale reply.
+hashes everything that decides a greedy reply (endpoint or checkpoint, model, messages,
+sampling), so a changed setting never reuses a stale reply.
+
+Two users: ``vsp eval`` (every reply of a run, in its output folder) and ``vsp measure``
+(only the *base* model's replies, shared by successive measurements of different deltas:
+about half of a measurement's generation on the CPU).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # effect.py imports torch; the HTTP harness must not need it
+    from vllm_safety_patch.eval.effect import Generator
 
 
 def request_key(**request: Any) -> str:
@@ -63,3 +71,42 @@ class ReplyCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def checkpoint_identity(model_dir: Path) -> str:
+    """Cheap identity of a checkpoint: its path and every file's name, size and mtime (any
+    rewrite of the weights changes it)."""
+    digest = hashlib.sha256(str(model_dir.resolve()).encode())
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def cached_baseline(
+    generate: Generator, cache_file: Path, identity: str, engine: str, chunk: int = 256
+) -> Generator:
+    """``generate`` with base-weight replies read from / appended to ``cache_file``.
+
+    Replies under deltas are always generated. Base replies are generated in chunks, each
+    stored as it finishes, so a run killed midway keeps what it produced.
+    """
+
+    def cached(delta_paths: Sequence[Path], requests: Sequence[tuple[str, int]]) -> list[str]:
+        if delta_paths:
+            return generate(delta_paths, requests)
+        keys = [
+            request_key(checkpoint=identity, engine=engine, prompt=prompt, max_tokens=tokens)
+            for prompt, tokens in requests
+        ]
+        with ReplyCache(cache_file) as store:
+            missing = [i for i, key in enumerate(keys) if store.get(key) is None]
+            for start in range(0, len(missing), chunk):
+                part = missing[start : start + chunk]
+                fresh = generate([], [requests[i] for i in part])
+                for i, reply in zip(part, fresh, strict=True):
+                    store.put(keys[i], reply)
+            return [store.replies[key] for key in keys]
+
+    return cached

@@ -73,6 +73,14 @@ class _Metrics:
             "Delta activation calls answered 5xx (switch failed on a worker)",
             (),
         )
+        # The taps' own cost, so operators can check it against request time in production
+        # (bench/metrics_cost.py measures the same by replay).
+        self.overhead = _get_or_make(
+            Counter,
+            "vsp_metrics_overhead_seconds",
+            "Seconds spent by the refusal metrics (copies, language ID, judging)",
+            (),
+        )
         self.published: str | None = None
 
 
@@ -301,6 +309,10 @@ class Tap:
         except Exception:  # metrics must never break serving
             logger.exception("vsp: refusal metrics failed for one %s answer", self.endpoint)
         self.overhead_s += time.perf_counter() - started
+        try:
+            metrics().overhead.inc(self.overhead_s)
+        except Exception:  # metrics must never break serving
+            logger.exception("vsp: cannot count the metrics overhead")
 
 
 class ActivationTap(Tap):
