@@ -181,3 +181,41 @@ def test_model_without_gated_mlp_is_refused(tmp_path: Path) -> None:
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(VSPError, match="no (gated MLP|model.layers)"):
         solve(tmp_path, tiny_config(layers=[0]), ["all"], "tiny")
+
+
+def test_layer_scan_rows_and_suggestion(tiny_qwen2: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from vllm_safety_patch.cli import app
+    from vllm_safety_patch.solver.layer_scan import LayerScan, scan_layers, suggest_layers
+    from vllm_safety_patch.solver.prompts import gather_solve_data
+
+    config = tiny_config()
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    rows = scan_layers(
+        model, tokenizer, gather_solve_data(["zh", "sw"], config.data), config.solver
+    )
+    assert [row.layer for row in rows] == list(range(model.config.num_hidden_layers))
+    for row in rows:
+        assert 0 < row.mean_d <= row.best_d
+        assert set(row.twin_gap) == {"zh", "sw"} and all(g > 0 for g in row.twin_gap.values())
+
+    fake = [LayerScan(layer, mean_d, mean_d) for layer, mean_d in enumerate([1, 5, 4, 2, 3, 6])]
+    assert suggest_layers(fake, count=2, spacing=2) == [1, 5]  # by d: 5, 1 (2 and 4 are too close)
+    assert suggest_layers(fake, count=3, spacing=2) == [1, 3, 5]
+
+    toml = tmp_path / "solve.toml"
+    toml.write_text(
+        "[solver]\nlayers = [0, 2]\nneurons_per_layer = 16\nrank = 4\n"
+        "[data]\nmultijail_ids = [0, 12]\nenglish_harmless = 12\n"
+        '[groups]\nafrican = ["sw"]\n'
+    )
+    result = CliRunner().invoke(app, ["scan", "--config", str(toml), "--model", str(tiny_qwen2)])
+    assert result.exit_code == 0, result.output
+    assert "strongest separation" in result.output and "sw" in result.output
+    bad = CliRunner().invoke(
+        app, ["scan", "--config", str(toml), "--model", str(tiny_qwen2), "--langs", "xx"]
+    )
+    assert bad.exit_code != 0 and "xx" in bad.output

@@ -304,6 +304,57 @@ def solve_command(
     )
 
 
+@app.command("scan")
+def scan_command(
+    config: Annotated[
+        Path, typer.Option("--config", help="solver settings and language groups (TOML)")
+    ] = Path("deltas/solve.toml"),
+    langs: Annotated[
+        str | None,
+        typer.Option(help="languages whose twin gap to measure (default: the config's)"),
+    ] = None,
+    count: Annotated[int, typer.Option(help="layers to suggest")] = 5,
+    spacing: Annotated[int, typer.Option(help="minimum distance between suggested layers")] = 3,
+    model: ModelOption = None,
+) -> None:
+    """Per-layer separation (harmful vs harmless, English) and each language's gap to English."""
+    import torch
+    from rich.table import Table
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_safety_patch.solver.layer_scan import scan_layers, suggest_layers
+    from vllm_safety_patch.solver.prompts import gather_solve_data
+    from vllm_safety_patch.solver.settings import load_solve_config
+
+    try:
+        settings = load_solve_config(config)
+        config_langs = sorted({lang for group in settings.groups.values() for lang in group})
+        languages = langs.split(",") if langs else config_langs
+        data = gather_solve_data(languages, settings.data)
+        model_dir = _model_path(model)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        dtype = getattr(torch, settings.solver.dtype)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        rows = scan_layers(hf_model, tokenizer, data, settings.solver)
+    except VSPError as error:
+        _fail(error)
+    k = settings.solver.neurons_per_layer
+    table = Table(title=f"top-{k} neurons per layer; twin gap = |a_lang - a_en| / |a_en|")
+    for column in ["layer", "mean d", "best d", *languages]:
+        table.add_column(column, justify="right")
+    edited = set(settings.solver.layers)
+    for row in rows:
+        mark = "*" if row.layer in edited else ""
+        gaps = [f"{row.twin_gap.get(lang, float('nan')):.2f}" for lang in languages]
+        table.add_row(f"{row.layer}{mark}", f"{row.mean_d:.2f}", f"{row.best_d:.2f}", *gaps)
+    console.print(table)
+    suggested = suggest_layers(rows, count, spacing)
+    console.print(
+        f"* = edited by {config}; strongest separation, {spacing} apart: {suggested}",
+        highlight=False,
+    )
+
+
 @app.command("measure")
 def measure_command(
     files: Annotated[list[Path], typer.Argument(help="delta .safetensors file(s)")],
