@@ -74,7 +74,8 @@ def _bars(axis, runs: Sequence[Run], metric: str, suite: str) -> None:
     )
     axis.set_title(f"{suite}: {PANEL_TITLES[metric]} (n={'/'.join(map(str, n))})", fontsize=9)
     axis.set_xticks(range(len(langs)), langs)
-    axis.set_ylim(0, 112)
+    axis.set_ylim(0, 135)  # room above 100% for the value labels and the legend
+    axis.set_yticks(range(0, 101, 20))
     axis.set_ylabel("%")
     axis.grid(axis="y", alpha=0.3)
 
@@ -86,7 +87,7 @@ def _grid(runs: Sequence[Run], metrics: Sequence[str], path: Path, title: str) -
     figure, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False)
     for axis, (metric, suite) in zip(axes[:, 0], panels, strict=True):
         _bars(axis, runs, metric, suite)
-    axes[0, 0].legend(fontsize=8, loc="upper right")
+    axes[0, 0].legend(fontsize=8, loc="upper left", ncol=len(runs), frameon=False)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
