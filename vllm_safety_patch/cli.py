@@ -28,6 +28,9 @@ app.add_typer(model_app, name="model")
 console = Console()
 error_console = Console(stderr=True)
 
+ConfigOption = Annotated[
+    Path, typer.Option("--config", help="solver settings and language groups (TOML)")
+]
 ModelOption = Annotated[
     Path | None,
     typer.Option("--model", help="HF safetensors checkpoint folder (default: the prepared model)"),
@@ -259,9 +262,7 @@ def export(
 
 @app.command("solve")
 def solve_command(
-    config: Annotated[
-        Path, typer.Option("--config", help="solver settings and language groups (TOML)")
-    ] = Path("deltas/solve.toml"),
+    config: ConfigOption = Path("deltas/solve.toml"),
     groups: Annotated[
         str | None, typer.Option("--groups", help="comma-separated group names (default: all)")
     ] = None,
@@ -306,9 +307,7 @@ def solve_command(
 
 @app.command("scan")
 def scan_command(
-    config: Annotated[
-        Path, typer.Option("--config", help="solver settings and language groups (TOML)")
-    ] = Path("deltas/solve.toml"),
+    config: ConfigOption = Path("deltas/solve.toml"),
     langs: Annotated[
         str | None,
         typer.Option(help="languages whose twin gap to measure (default: the config's)"),
