@@ -312,6 +312,9 @@ def scan_command(
         str | None,
         typer.Option(help="languages whose twin gap to measure (default: the config's)"),
     ] = None,
+    pairs: Annotated[
+        int, typer.Option(help="MultiJail pairs and English harmless prompts (0: the config's)")
+    ] = 64,
     count: Annotated[int, typer.Option(help="layers to suggest")] = 5,
     spacing: Annotated[int, typer.Option(help="minimum distance between suggested layers")] = 3,
     model: ModelOption = None,
@@ -329,7 +332,12 @@ def scan_command(
         settings = load_solve_config(config)
         config_langs = sorted({lang for group in settings.groups.values() for lang in group})
         languages = langs.split(",") if langs else config_langs
-        data = gather_solve_data(languages, settings.data)
+        data_settings = settings.data
+        if pairs:  # a quick look; --pairs 0 scans on all the data a solve reads
+            data_settings = data_settings.model_copy(
+                update={"multijail_ids": (0, pairs), "english_harmless": pairs}
+            )
+        data = gather_solve_data(languages, data_settings)
         model_dir = _model_path(model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         dtype = getattr(torch, settings.solver.dtype)
@@ -338,7 +346,7 @@ def scan_command(
     except VSPError as error:
         _fail(error)
     k = settings.solver.neurons_per_layer
-    table = Table(title=f"top-{k} neurons per layer; twin gap = |a_lang - a_en| / |a_en|")
+    table = Table(title=f"top-{k} safety neurons per layer")
     for column in ["layer", "mean d", "best d", *languages]:
         table.add_column(column, justify="right")
     edited = set(settings.solver.layers)
@@ -349,6 +357,8 @@ def scan_command(
     console.print(table)
     suggested = suggest_layers(rows, count, spacing)
     console.print(
+        f"mean/best d: Cohen's d of the top-{k} neurons (English harmful vs harmless); per "
+        "language: twin gap |a_lang - a_en| / |a_en| on them, last prompt token\n"
         f"* = edited by {config}; strongest separation, {spacing} apart: {suggested}",
         highlight=False,
     )
