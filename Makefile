@@ -22,10 +22,12 @@ format:
 test: lint
 	$(PY) -m pytest -q
 
-# Regenerate the shipped deltas of the default model from deltas/solve.toml, measure them on
-# held-out rows (figures go into each manifest) and print the effect tables for the README.
+# Regenerate the shipped deltas of the default model from deltas/solve.toml and
+# deltas/solve-polyrefuse.toml (each names the groups it makes), measure them on held-out
+# rows (figures go into each manifest) and print the effect tables for the README.
 DELTA_DIR := deltas/qwen2.5-coder-0.5b-instruct
 deltas: setup
 	.venv/bin/vsp solve --config deltas/solve.toml --out $(DELTA_DIR)
+	.venv/bin/vsp solve --config deltas/solve-polyrefuse.toml --out $(DELTA_DIR)
 	.venv/bin/vsp measure $(DELTA_DIR)/*.safetensors --samples build/samples
 	$(PY) -m vllm_safety_patch.eval.effect_table $(DELTA_DIR)

@@ -57,3 +57,27 @@ def test_tampered_copies_are_refused(default_checkpoint: Checkpoint, tmp_path: P
     write_delta(forged, delta.manifest.model_copy(update={"base_model": fingerprint}), delta.edits)
     with pytest.raises(DeltaMismatchError, match="fingerprint mismatch"):
         verify_against_checkpoint([read_delta(forged)], default_checkpoint)
+
+
+SOLVE_CONFIGS = sorted(repo_deltas_dir().glob("solve*.toml"))
+
+
+def test_every_shipped_delta_comes_from_one_committed_config() -> None:
+    """`make deltas` regenerates each shipped file from the config that names its group:
+    exactly one config names it, with the languages and settings its manifest records."""
+    from vllm_safety_patch.solver.settings import load_solve_config
+
+    configs = {path.name: load_solve_config(path) for path in SOLVE_CONFIGS}
+    assert "solve.toml" in configs
+    for path in SHIPPED:
+        manifest = read_delta(path).manifest
+        owners = [name for name, config in configs.items() if manifest.group in config.groups]
+        assert len(owners) == 1, (path.name, owners)
+        config = configs[owners[0]]
+        assert manifest.languages == config.groups[manifest.group], path.name
+        recorded = {key: value for key, value in manifest.solver.items() if key != "method"}
+        expected = {
+            **config.solver.model_dump(mode="json"),
+            "data": config.data.model_dump(mode="json"),
+        }
+        assert recorded == expected, (path.name, owners[0])
