@@ -256,13 +256,20 @@ def test_prometheus_scrapes_refusal_series(
         assert labels["endpoint"] == CHAT
         assert (labels["language"], labels["delta_set"]) in traffic
     assert len(series) == len(traffic)
+
     # The dashboard's refusal-rate panel: one ratio per language x delta set, in [0, 1].
-    ratios = query(
-        prometheus,
-        "sum by (language, delta_set) (increase(vsp_refusals_total[5m]))"
-        " / sum by (language, delta_set) (increase(vsp_requests_total[5m]))",
-    )
-    assert {(r["metric"]["language"], r["metric"]["delta_set"]) for r in ratios} == set(traffic)
+    # increase() needs two samples of a series: a series first scraped a moment ago has
+    # none yet, so wait for the next scrape (1 s) rather than race it.
+    def ratio_per_series() -> list:
+        ratios = query(
+            prometheus,
+            "sum by (language, delta_set) (increase(vsp_refusals_total[5m]))"
+            " / sum by (language, delta_set) (increase(vsp_requests_total[5m]))",
+        )
+        found = {(r["metric"]["language"], r["metric"]["delta_set"]) for r in ratios}
+        return ratios if found == set(traffic) else []
+
+    ratios = wait_for(ratio_per_series, what=f"a refusal ratio for each of {set(traffic)}")
     values = [float(r["value"][1]) for r in ratios]
     # NaN (0/0) where a series saw one request only: its first value is no increase.
     assert all(0 <= value <= 1 for value in values if value == value), ratios
