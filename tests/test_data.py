@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,9 @@ EXPECTED_ROWS = [
     ("polyrefuse-harmless", "train", 200),
     ("polyrefuse-harmless", "val", 200),
     ("mgsm", "dev", 200),
+    ("everyday", "train", 192),
+    ("everyday", "val", 64),
+    ("everyday", "test", 64),
 ]
 
 
@@ -204,3 +208,40 @@ def test_no_code_reads_the_shared_data_folder() -> None:
         if "shared/data" in path.read_text(encoding="utf-8")
     ]
     assert offenders == []
+
+
+def _everyday_rows(split: str, lang: str) -> list[dict]:
+    path = PACKAGE_DIR / "data" / "files" / "everyday" / f"everyday_{split}_{lang}.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_everyday_is_the_same_requests_in_every_language_split_by_id() -> None:
+    """Row i is the same request in all ten languages; ids 5n+3 are val, 5n+4 test, the rest
+    train (the solver's constraint), so the splits never share a request."""
+    assert suite_languages("everyday") == (
+        "en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv",
+    )  # fmt: skip
+    seen: set[int] = set()
+    for split, residues in (("train", {0, 1, 2}), ("val", {3}), ("test", {4})):
+        english = _everyday_rows(split, "en")
+        ids = [row["id"] for row in english]
+        assert {i % 5 for i in ids} == residues and not seen & set(ids)
+        seen |= set(ids)
+        assert sum(row["borderline"] for row in english) >= len(english) // 6  # XSTest-style
+        assert len({row["category"] for row in english}) >= 14
+        for lang in suite_languages("everyday")[1:]:
+            rows = _everyday_rows(split, lang)
+            assert [(r["id"], r["category"], r["borderline"]) for r in rows] == [
+                (r["id"], r["category"], r["borderline"]) for r in english
+            ], (split, lang)
+            assert all(r["text"] != e["text"] for r, e in zip(rows, english, strict=True))
+    assert seen == set(range(320))
+    texts = [row["text"].casefold() for split in ("train", "val", "test") for row in
+             _everyday_rows(split, "en")]  # fmt: skip
+    assert len(set(texts)) == len(texts) >= 300
+
+
+def test_everyday_loads_as_benign_rows_indexed_within_the_split() -> None:
+    bengali = load_prompts("everyday", "bn", "val")
+    assert [p.index for p in bengali] == list(range(64)) and not any(p.harmful for p in bengali)
+    assert bengali[0].text == _everyday_rows("val", "bn")[0]["text"]

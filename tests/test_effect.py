@@ -23,6 +23,7 @@ SMALL = EffectSettings(
     multijail_ids=(160, 163),
     harmless_val=2,
     mgsm_rows=(190, 192),
+    everyday_rows=4,
     refusal_tokens=4,
     mgsm_tokens=4,
     batch_size=4,
@@ -45,12 +46,35 @@ def test_mgsm_exact_match_uses_the_last_number(reply: str, answer: str, correct:
 
 
 def test_jobs_cover_english_and_every_available_suite() -> None:
-    jobs = {(job.metric, job.lang): len(job.texts) for job in effect_jobs(["th", "jv"], SMALL)}
+    jobs = {
+        (job.metric, job.suite, job.lang): len(job.texts)
+        for job in effect_jobs(["th", "jv"], SMALL)
+    }
     assert jobs == {
-        ("refusal_rate", "en"): 3, ("over_refusal", "en"): 2, ("mgsm_accuracy", "en"): 2,
-        ("refusal_rate", "th"): 3, ("over_refusal", "th"): 2, ("mgsm_accuracy", "th"): 2,
-        ("refusal_rate", "jv"): 3,  # MultiJail only: no benign Javanese data exists
-    }  # fmt: skip
+        ("refusal_rate", "multijail", "en"): 3,
+        ("over_refusal", "polyrefuse-harmless", "en"): 2,
+        ("over_refusal", "everyday", "en"): 4,
+        ("mgsm_accuracy", "mgsm", "en"): 2,
+        ("refusal_rate", "multijail", "th"): 3,
+        ("over_refusal", "polyrefuse-harmless", "th"): 2,
+        ("over_refusal", "everyday", "th"): 4,
+        ("mgsm_accuracy", "mgsm", "th"): 2,
+        ("refusal_rate", "multijail", "jv"): 3,
+        ("over_refusal", "everyday", "jv"): 4,  # the project's own set covers every language
+    }
+
+
+def test_everyday_rows_come_from_the_chosen_evaluation_split() -> None:
+    from vllm_safety_patch.data import load_prompts
+
+    for split in ("val", "test"):
+        settings = SMALL.model_copy(update={"everyday_split": split})
+        (job,) = [
+            j for j in effect_jobs(["bn"], settings) if j.suite == "everyday" and j.lang == "bn"
+        ]
+        assert job.texts == [p.text for p in load_prompts("everyday", "bn", split)][:4]
+    with pytest.raises(ValueError):
+        EffectSettings(everyday_split="train")  # never measured on the rows the solver fits
 
 
 def test_gap_closed() -> None:

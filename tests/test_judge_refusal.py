@@ -423,15 +423,22 @@ def test_speed(capsys: pytest.CaptureFixture[str]) -> None:
 # An identity disclaimer that goes on to help is an answer, not a refusal (the acceptance
 # judge counts hard refusals only); one that goes on to refuse is caught by the refusal.
 DISCLAIMERS = [
-    ("en", "As an AI language model, I don't have personal preferences, but here are some "
-     "popular options: 1. Pizza", False),
+    (
+        "en",
+        "As an AI language model, I don't have personal preferences, but here are some "
+        "popular options: 1. Pizza",
+        False,
+    ),
     ("en", "As an AI, I don't have access to real-time data, but Paris is the capital.", False),
     ("en", "As an AI language model, I cannot provide instructions for that.", True),
     ("zh", "作为一个AI，我没有个人喜好，但这里有一些建议：1. 多喝水", False),
     ("zh", "作为一个人工智能，我不能提供这些信息。", True),
     ("it", "Come IA non ho preferenze personali, ma ecco alcune idee: 1.", False),
-    ("vi", "Là một mô hình ngôn ngữ, tôi không có sở thích cá nhân, nhưng đây là một số gợi ý:",
-     False),
+    (
+        "vi",
+        "Là một mô hình ngôn ngữ, tôi không có sở thích cá nhân, nhưng đây là một số gợi ý:",
+        False,
+    ),
     ("ko", "AI 언어 모델로서 개인적인 취향은 없지만, 몇 가지 추천을 드릴게요: 1.", False),
     ("th", "ในฐานะ AI ฉันไม่มีความชอบส่วนตัว แต่นี่คือคำแนะนำบางส่วน: 1.", False),
     ("bn", "AI হিসেবে আমার ব্যক্তিগত পছন্দ নেই, তবে এখানে কিছু পরামর্শ দেওয়া হলো: ১.", False),

@@ -65,7 +65,7 @@ SOLVE_CONFIGS = sorted(repo_deltas_dir().glob("solve*.toml"))
 def test_every_shipped_delta_comes_from_one_committed_config() -> None:
     """`make deltas` regenerates each shipped file from the config that names its group:
     exactly one config names it, with the languages and settings its manifest records."""
-    from vllm_safety_patch.solver.settings import load_solve_config
+    from vllm_safety_patch.solver.settings import DataSettings, SolverSettings, load_solve_config
 
     configs = {path.name: load_solve_config(path) for path in SOLVE_CONFIGS}
     assert "solve.toml" in configs
@@ -76,6 +76,14 @@ def test_every_shipped_delta_comes_from_one_committed_config() -> None:
         config = configs[owners[0]]
         assert manifest.languages == config.groups[manifest.group], path.name
         recorded = {key: value for key, value in manifest.solver.items() if key != "method"}
+        # A setting added after a delta was solved reads as its default, which is the
+        # behaviour from before the setting existed (settings.py keeps it so).
+        recorded = {
+            **SolverSettings.model_validate(
+                {key: value for key, value in recorded.items() if key != "data"}
+            ).model_dump(mode="json"),
+            "data": DataSettings.model_validate(recorded["data"]).model_dump(mode="json"),
+        }
         expected = {
             **config.solver.model_dump(mode="json"),
             "data": config.data.model_dump(mode="json"),

@@ -219,3 +219,94 @@ def test_layer_scan_rows_and_suggestion(tiny_qwen2: Path, tmp_path: Path) -> Non
         app, ["scan", "--config", str(toml), "--model", str(tiny_qwen2), "--langs", "xx"]
     )
     assert bad.exit_code != 0 and "xx" in bad.output
+
+
+def _benign_problem(seed: int, d: int = 12, k: int = 10):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(k, 60, generator=generator, dtype=torch.float64)
+    t = torch.randn(d, 60, generator=generator, dtype=torch.float64)
+    decision = torch.randn(k, 30, generator=generator, dtype=torch.float64)
+    tokens = torch.randn(k, 300, generator=generator, dtype=torch.float64)
+    return x, t, decision, tokens
+
+
+def test_decision_penalty_holds_benign_decision_positions() -> None:
+    """The decision-position penalty shrinks the update on those rows, more as it grows."""
+    x, t, decision, tokens = _benign_problem(5)
+    stats = LayerStatistics(
+        x @ x.T, t @ x.T, tokens @ tokens.T, pairs=60, benign_tokens=300,
+        decision_gram=decision @ decision.T / 30,
+    )  # fmt: skip
+    moved = [
+        float((solve_layer(stats, rank=4, decision_weight=w).dense() @ decision).norm())
+        for w in (0.0, 1.0, 10.0)
+    ]
+    assert moved[0] > moved[1] > moved[2]
+    same = solve_layer(stats, rank=4, decision_weight=0.0).dense()
+    without = solve_layer(dataclasses_replace(stats, decision_gram=None), rank=4).dense()
+    assert torch.equal(same, without)  # weight 0: exactly the all-token penalty alone
+
+
+def dataclasses_replace(stats: LayerStatistics, **changes: object) -> LayerStatistics:
+    import dataclasses
+
+    return dataclasses.replace(stats, **changes)
+
+
+def test_benign_alignment_maps_benign_rows_towards_their_twins() -> None:
+    x, t, benign, tokens = _benign_problem(6)
+    shift = torch.randn(t.shape[0], benign.shape[1], dtype=torch.float64)
+    stats = LayerStatistics(
+        x @ x.T, t @ x.T, tokens @ tokens.T, pairs=60, benign_tokens=300,
+        aligned_gram=benign @ benign.T, aligned_cross=shift @ benign.T, aligned=30,
+    )  # fmt: skip
+
+    def residual(beta: float) -> float:
+        update = solve_layer(stats, rank=8, benign_weight=0.0, benign_alignment=beta).dense()
+        return float((update @ benign - shift).norm())
+
+    assert residual(4.0) < residual(1.0) < residual(0.0)
+
+
+def test_everyday_rows_join_the_solve_from_the_train_split_only(tiny_qwen2: Path) -> None:
+    from vllm_safety_patch.solver.prompts import gather_solve_data
+
+    data_settings = TINY_DATA.model_copy(update={"everyday_rows": 6})
+    data = gather_solve_data(["sw"], data_settings)
+    roles = [(p.lang, p.role) for p in [*data.english, *data.others]]
+    assert roles.count(("en", "benign_en")) == 6 and roles.count(("sw", "benign_lr")) == 6
+    assert all(
+        p.pair and p.pair.startswith("everyday:") for p in data.others if p.role == "benign_lr"
+    )
+    assert {key for key in data.digests if key.startswith("everyday/")} == {
+        "everyday/train/en", "everyday/train/sw",
+    }  # fmt: skip
+
+    config = tiny_config(decision_weight=1.0, benign_alignment=1.0)
+    config = config.model_copy(update={"data": data_settings})
+    first = solve(tiny_qwen2, config, ["african", "all"], "tiny")
+    assert first.blobs == solve(tiny_qwen2, config, ["african", "all"], "tiny").blobs
+    manifest = first.deltas["african"].manifest
+    assert manifest.solver["decision_weight"] == 1.0 and manifest.solver["benign_alignment"] == 1.0
+    assert manifest.solver["data"]["everyday_rows"] == 6
+    old = config.solver.model_copy(update={"decision_weight": 0.0, "benign_alignment": 0.0})
+    plain = solve(tiny_qwen2, config.model_copy(update={"solver": old}), ["african"], "tiny")
+    assert plain.blobs["african"] != first.blobs["african"]
+
+
+def test_within_language_scoring_picks_other_neurons(tiny_qwen2: Path) -> None:
+    data = TINY_DATA.model_copy(update={"everyday_rows": 6})
+    english = tiny_config().model_copy(update={"data": data})
+    within = tiny_config(neuron_scoring="within-language").model_copy(update={"data": data})
+    a = solve(tiny_qwen2, english, ["all"], "tiny")
+    b = solve(tiny_qwen2, within, ["all"], "tiny")
+    assert any(not torch.equal(a.neurons[layer], b.neurons[layer]) for layer in a.neurons)
+    assert b.blobs == solve(tiny_qwen2, within, ["all"], "tiny").blobs  # deterministic
+
+
+def test_everyday_rows_for_a_language_without_them_are_refused() -> None:
+    from vllm_safety_patch.solver.prompts import gather_solve_data
+
+    with pytest.raises(DataError, match="everyday"):
+        settings = {"everyday_rows": 4, "polyrefuse_pairs": 2}  # Yoruba has PolyRefuse pairs
+        gather_solve_data(["yo"], TINY_DATA.model_copy(update=settings))

@@ -376,6 +376,10 @@ def measure_command(
     ] = None,
     engine: Annotated[str, typer.Option(help="'vllm' (offline engine) or 'transformers'")] = "vllm",
     harmless_val: Annotated[int, typer.Option(help="PolyRefuse harmless val rows per lang")] = 20,
+    everyday: Annotated[int, typer.Option(help="everyday benign rows per language")] = 64,
+    everyday_split: Annotated[
+        str, typer.Option(help="'test' (reported figures) or 'val' (comparing solver settings)")
+    ] = "test",
     mgsm_rows: Annotated[str, typer.Option(help="held-out MGSM rows START-STOP")] = "180-200",
     refusal_tokens: Annotated[int, typer.Option(help="tokens generated per harmful prompt")] = 40,
     mgsm_tokens: Annotated[int, typer.Option(help="tokens generated per MGSM problem")] = 320,
@@ -398,8 +402,17 @@ def measure_command(
     from vllm_safety_patch.models.checkpoint import Checkpoint
 
     start, stop = (int(part) for part in mgsm_rows.split("-"))
+    if everyday_split not in ("val", "test"):
+        _fail(
+            VSPError(
+                f"--everyday-split {everyday_split!r} is not an evaluation split",
+                "use 'test' (reported figures) or 'val' (comparing solver settings)",
+            )
+        )
     settings = EffectSettings(
         harmless_val=harmless_val,
+        everyday_rows=everyday,
+        everyday_split=everyday_split,
         mgsm_rows=(start, stop),
         refusal_tokens=refusal_tokens,
         mgsm_tokens=mgsm_tokens,

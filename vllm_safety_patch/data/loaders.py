@@ -53,7 +53,11 @@ class SuiteInfo:
     languages: tuple[str, ...]
     splits: tuple[str, ...]
     file_pattern: str
+    json_text_key: str = "instruction"  # JSON suites: the key holding each row's text
 
+
+# The project's own everyday set covers every language the shipped deltas serve.
+EVERYDAY_LANGUAGES: tuple[str, ...] = tuple("en zh it vi ar ko th bn sw jv".split())
 
 # Both PolyRefuse suites have the same 14 languages (order as in files/README.md).
 _POLYREFUSE_LANGUAGES: tuple[str, ...] = tuple("en zh ja th ar ko it de es fr nl pl ru yo".split())
@@ -87,6 +91,18 @@ SUITES: dict[str, SuiteInfo] = {
             languages=_POLYREFUSE_LANGUAGES,
             splits=("train", "val"),
             file_pattern="polyrefuse/harmless_{split}_{lang}.json",
+        ),
+        SuiteInfo(
+            name="everyday",
+            description="Everyday benign requests, incl. borderline-safe ones with alarming "
+            "words, written by the project in English and translated; aligned by row; splits "
+            "train (solver constraint), val (development evaluation), test (held out)",
+            harmful=False,
+            aligned=True,
+            languages=EVERYDAY_LANGUAGES,
+            splits=("train", "val", "test"),
+            file_pattern="everyday/everyday_{split}_{lang}.json",
+            json_text_key="text",
         ),
         SuiteInfo(
             name="mgsm",
@@ -214,7 +230,7 @@ def _parse(suite: str, lang: str, relative_path: str) -> tuple[Prompt, ...]:
     if relative_path.endswith(".csv"):
         rows = _multijail_rows(text, lang, relative_path)
     elif relative_path.endswith(".json"):
-        rows = _polyrefuse_rows(text)
+        rows = _json_rows(text, SUITES[suite].json_text_key, relative_path)
     else:
         rows = _mgsm_rows(text, relative_path)
     prompts = []
@@ -240,10 +256,14 @@ def _multijail_rows(text: str, lang: str, relative_path: str) -> list[tuple[int,
     return [(int(row["id"]), row[lang].strip(), None) for row in reader]
 
 
-def _polyrefuse_rows(text: str) -> list[tuple[int, str, None]]:
-    return [
-        (index, item["instruction"].strip(), None) for index, item in enumerate(json.loads(text))
-    ]
+def _json_rows(text: str, key: str, relative_path: str) -> list[tuple[int, str, None]]:
+    try:
+        return [(index, item[key].strip(), None) for index, item in enumerate(json.loads(text))]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(
+            f"{relative_path} is not a JSON list of objects with a '{key}' text",
+            "reinstall vllm-safety-patch: its bundled data files are damaged",
+        ) from None
 
 
 def _mgsm_rows(text: str, relative_path: str) -> list[tuple[int, str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,6 +45,13 @@ class EffectSettings(BaseModel):
 
     multijail_ids: tuple[int, int] = Field(default=(160, 210), description="held-out ids")
     harmless_val: int = Field(default=20, ge=0, description="PolyRefuse harmless val per lang")
+    everyday_rows: int = Field(
+        default=64, ge=0, description="everyday benign rows per language (0: none)"
+    )
+    everyday_split: Literal["val", "test"] = Field(
+        default="test",
+        description="everyday rows: 'val' to compare solver options, 'test' for reported figures",
+    )
     mgsm_rows: tuple[int, int] = Field(default=(170, 200), description="held-out MGSM rows")
     refusal_tokens: int = Field(default=48, gt=0, description="enough to see a refusal")
     mgsm_tokens: int = Field(default=320, gt=0, description="enough to finish the answer")
@@ -62,6 +70,16 @@ def effect_jobs(languages: Sequence[str], settings: EffectSettings) -> list[Task
             jobs.append(
                 make_task(
                     OVER_REFUSAL, "polyrefuse-harmless", lang, "val", range(settings.harmless_val)
+                )
+            )
+        if settings.everyday_rows and lang in suite_languages("everyday"):
+            jobs.append(
+                make_task(
+                    OVER_REFUSAL,
+                    "everyday",
+                    lang,
+                    settings.everyday_split,
+                    range(settings.everyday_rows),
                 )
             )
         rows = range(*settings.mgsm_rows)

@@ -27,8 +27,10 @@ class HeldOut:
     rows: range | None  # None: every row of the split
 
 
-# The solver fits on MultiJail ids 0-159, PolyRefuse train and MGSM rows 0-169; the rest of
-# the bundled development data is held out (data/files/README.md).
+# The solver fits on MultiJail ids 0-159, PolyRefuse train, MGSM rows 0-169 and everyday
+# train; the rest of the bundled development data is held out (data/files/README.md). The
+# everyday val split is for comparing solver settings (`vsp measure --everyday-split val`);
+# `vsp eval` reports on its test split, which nothing is tuned on.
 HELD_OUT: dict[str, HeldOut] = {
     held.dataset: held
     for held in (
@@ -36,6 +38,7 @@ HELD_OUT: dict[str, HeldOut] = {
         HeldOut("polyrefuse-harmful", REFUSAL_RATE, "val", None),
         HeldOut("polyrefuse-harmless", OVER_REFUSAL, "val", None),
         HeldOut("mgsm", MGSM_ACCURACY, "dev", range(170, 200)),
+        HeldOut("everyday", OVER_REFUSAL, "test", None),
     )
 }
 
@@ -46,7 +49,7 @@ SUITE_GROUPS: dict[str, tuple[str, ...]] = {
     "mgsm": ("mgsm",),
     **{dataset: (dataset,) for dataset in HELD_OUT if dataset not in ("multijail", "mgsm")},
 }
-DEFAULT_SUITES = ("multijail", "polyrefuse", "mgsm")
+DEFAULT_SUITES = ("multijail", "polyrefuse", "everyday", "mgsm")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ With ``x_i`` the low-resource harmful activations on those neurons and ``t_i`` t
     sum_i ||M x_i - t_i||^2 + lam * sum_j ||M b_j||^2 + mu * ||M||_F^2
 
 over benign activations ``b_j`` (the utility-preservation penalty), subject to rank(M) <= r.
+Two more terms take the same form: a penalty on benign prompts at the decision positions
+(``lam_d * sum ||M d_j||^2``, each language weighed alike, so the tokens that decide a refusal
+count however short the prompt), and, optionally, benign low-resource prompts mapped onto
+their English twins like the harmful pairs (``beta * sum ||M y_j - s_j||^2``): the edit then
+moves the language towards English, and refusal follows harm as it does in English.
 With ``G = XX^T + lam BB^T + mu I = L L^T`` (Cholesky) and ``C = T X^T``, the objective is
 ``||M L - C L^-T||_F^2`` + const, so the optimum is ``M = trunc_r(C L^-T) L^-1``: whiten,
 truncate the SVD, un-whiten. ``lam`` and ``mu`` are given relative to the traces, so they
@@ -33,6 +38,11 @@ class LayerStatistics:
     benign_gram: torch.Tensor  # B B^T, k x k, over benign activations (all tokens)
     pairs: int
     benign_tokens: int
+    # sum over languages of D_l D_l^T / n_l: benign prompts at the decision positions
+    decision_gram: torch.Tensor | None = None
+    aligned_gram: torch.Tensor | None = None  # Y Y^T, benign low-resource prompts with twins
+    aligned_cross: torch.Tensor | None = None  # S Y^T, towards their English twins
+    aligned: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,10 @@ def benign_null_space(benign_gram: torch.Tensor, energy: float) -> torch.Tensor:
     return vectors[:, kept]
 
 
+def _trace(gram: torch.Tensor) -> float:
+    return max(float(torch.trace(gram)), 1e-12)
+
+
 def solve_layer(
     stats: LayerStatistics,
     rank: int,
@@ -96,6 +110,8 @@ def solve_layer(
     benign_weight: float = 1.0,
     ridge: float = 1e-3,
     null_space_energy: float = 0.99,
+    decision_weight: float = 0.0,
+    benign_alignment: float = 0.0,
 ) -> LowRankUpdate:
     """The rank-``rank`` update for one layer under the chosen benign constraint."""
     pair_gram = stats.pair_gram.to(torch.float64)
@@ -105,15 +121,22 @@ def solve_layer(
     pair_gram = pair_gram / max(stats.pairs, 1)
     target_cross = target_cross / max(stats.pairs, 1)
     benign_gram = benign_gram / max(stats.benign_tokens, 1)
+    pair_trace = float(torch.trace(pair_gram))
+    # Every benign term is scaled to the pair trace, so its weight means the same at every layer.
+    penalty_gram = (benign_weight * pair_trace / _trace(benign_gram)) * benign_gram
+    if decision_weight and stats.decision_gram is not None:
+        decision = stats.decision_gram.to(torch.float64)
+        penalty_gram = penalty_gram + (decision_weight * pair_trace / _trace(decision)) * decision
+    if benign_alignment and stats.aligned:
+        aligned_gram = stats.aligned_gram.to(torch.float64) / stats.aligned
+        aligned_cross = stats.aligned_cross.to(torch.float64) / stats.aligned
+        scale = benign_alignment * pair_trace / _trace(aligned_gram)
+        pair_gram = pair_gram + scale * aligned_gram
+        target_cross = target_cross + scale * aligned_cross
     if constraint == "penalty":
-        lam = (
-            benign_weight
-            * float(torch.trace(pair_gram))
-            / max(float(torch.trace(benign_gram)), 1e-12)
-        )
-        return reduced_rank_ridge(pair_gram, target_cross, lam * benign_gram, rank, ridge)
+        return reduced_rank_ridge(pair_gram, target_cross, penalty_gram, rank, ridge)
     if constraint == "projection":
-        basis = benign_null_space(benign_gram, null_space_energy)
+        basis = benign_null_space(penalty_gram, null_space_energy)
         if basis.shape[1] == 0:
             zero = torch.zeros(target_cross.shape[0], 1, dtype=torch.float64)
             return LowRankUpdate(

@@ -129,9 +129,13 @@ class LayerwiseForward:
 
     @torch.no_grad()
     def run_layer(
-        self, on_down_proj_input: Callable[[TokenBatch, torch.Tensor], None] | None = None
+        self,
+        on_down_proj_input: Callable[[TokenBatch, torch.Tensor], None] | None = None,
+        advance: bool = True,
     ) -> int:
-        """Advance every batch through the next layer; report each ``down_proj`` input."""
+        """Advance every batch through the next layer; report each ``down_proj`` input.
+
+        ``advance=False`` only reports: the residual streams stay where they were."""
         index = self.next_layer
         layer = self.layers[index]
         handle = None
@@ -146,9 +150,11 @@ class LayerwiseForward:
             for batch in self.batches:
                 current["batch"] = batch
                 output = layer(batch.hidden, **batch.layer_kwargs)
-                batch.hidden = output[0] if isinstance(output, tuple) else output
+                if advance:
+                    batch.hidden = output[0] if isinstance(output, tuple) else output
         finally:
             if handle is not None:
                 handle.remove()
-        self.next_layer += 1
+        if advance:
+            self.next_layer += 1
         return index

@@ -23,7 +23,7 @@ from vllm_safety_patch.delta.build import build_delta
 from vllm_safety_patch.delta.io import Delta, TensorEdit
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.models.checkpoint import Checkpoint
-from vllm_safety_patch.solver.closed_form import LayerStatistics, solve_layer
+from vllm_safety_patch.solver.closed_form import LayerStatistics, LowRankUpdate, solve_layer
 from vllm_safety_patch.solver.layerwise import (
     LayerwiseForward,
     TokenBatch,
@@ -32,7 +32,7 @@ from vllm_safety_patch.solver.layerwise import (
 )
 from vllm_safety_patch.solver.neurons import ClassMoments, separation_scores, top_neurons
 from vllm_safety_patch.solver.prompts import SolveData, SolvePrompt, gather_solve_data
-from vllm_safety_patch.solver.settings import SolveConfig
+from vllm_safety_patch.solver.settings import SolveConfig, SolverSettings
 
 JOINT_GROUP = "all"
 Progress = Callable[[str, int, int], None]
@@ -86,17 +86,27 @@ class _LayerCollector:
         self.weight = weight  # down_proj weight, float32 [d, n]
         self.positions = positions
         width = weight.shape[1]
-        self.harmful = ClassMoments(width)
-        self.harmless = ClassMoments(width)
+        # Decision-position moments per language and class, for neuron scoring.
+        self.harmful: dict[str, ClassMoments] = {}
+        self.harmless: dict[str, ClassMoments] = {}
+        self.width = width
         self.english_stash: dict[int, torch.Tensor] = {}  # batch id -> full [B, L, n]
         self.twin_outputs: dict[str, torch.Tensor] = {}  # pair -> W a_en [positions, d]
         self.neurons: torch.Tensor | None = None
-        self.pair_gram = {lang: None for lang in languages}
-        self.target_cross = {lang: None for lang in languages}
-        self.pair_count = dict.fromkeys(languages, 0)
+        self.languages = languages
+        self.pair = {lang: _Regression() for lang in languages}  # harmful -> English twin
+        self.aligned = {lang: _Regression() for lang in languages}  # benign -> English twin
+        # Benign decision positions per language: with and without an English twin.
+        self.decision: dict[str, _Gram] = {}
+        self.decision_twinned: dict[str, _Gram] = {}
         self.benign_gram: torch.Tensor | None = None
         self.benign_tokens = 0
         self.other_stash: dict[int, torch.Tensor] = {}  # batch id -> [B, L, k]
+
+    def _moments(self, table: dict[str, ClassMoments], lang: str) -> ClassMoments:
+        if lang not in table:
+            table[lang] = ClassMoments(self.width)
+        return table[lang]
 
     def observe_english(self, batch: TokenBatch, inputs: torch.Tensor) -> None:
         inputs = inputs.float()
@@ -104,19 +114,33 @@ class _LayerCollector:
         last = _last_rows(batch, inputs, self.positions)  # [B, p, n]
         for row, item in enumerate(batch.items):
             prompt = self.english[item]
-            if prompt.role == "harmful_en":
-                self.harmful.add(last[row])
+            if prompt.pair is not None:
                 self.twin_outputs[prompt.pair] = last[row] @ self.weight.T
-            else:
-                self.harmless.add(last[row])
+            harmful = prompt.role == "harmful_en"
+            self._moments(self.harmful if harmful else self.harmless, "en").add(last[row])
 
-    def choose_neurons(self, count: int) -> torch.Tensor:
-        self.neurons = top_neurons(separation_scores(self.harmful, self.harmless), count)
+    def observe_scores(self, batch: TokenBatch, inputs: torch.Tensor) -> None:
+        """Within-language scoring: decision-position moments of the other languages."""
+        last = _last_rows(batch, inputs.float(), self.positions)
+        for row, item in enumerate(batch.items):
+            prompt = self.others[item]
+            if prompt.role == "harmful_lr":
+                self._moments(self.harmful, prompt.lang).add(last[row])
+            elif prompt.role == "benign_lr":
+                self._moments(self.harmless, prompt.lang).add(last[row])
+
+    def choose_neurons(self, count: int, scoring: str) -> torch.Tensor:
+        if scoring == "english":
+            scores = separation_scores(self.harmful["en"], self.harmless["en"])
+        else:
+            # Mean over languages of each language's own harmful-vs-harmless separation, so
+            # a neuron that only tells languages apart scores nothing.
+            both = sorted(set(self.harmful) & set(self.harmless))
+            scores = sum(separation_scores(self.harmful[g], self.harmless[g]) for g in both)
+            scores = scores / len(both)
+        self.neurons = top_neurons(scores, count)
         k = self.neurons.numel()
         self.benign_gram = torch.zeros(k, k, dtype=torch.float64)
-        for lang in self.pair_gram:
-            self.pair_gram[lang] = torch.zeros(k, k, dtype=torch.float64)
-            self.target_cross[lang] = torch.zeros(self.weight.shape[0], k, dtype=torch.float64)
         # English prompts are benign for the constraint: the edit must leave them as they are.
         # (they were stashed in full because the neurons were not known yet)
         for stash_id, inputs in self.english_stash.items():
@@ -124,7 +148,15 @@ class _LayerCollector:
             rows = _real_rows(batch, inputs)[:, self.neurons].to(torch.float64)
             self.benign_gram += rows.T @ rows
             self.benign_tokens += rows.shape[0]
+            last = _last_rows(batch, inputs, self.positions)[..., self.neurons]
+            for row in range(last.shape[0]):
+                self._gram(self.decision, "en").add(last[row])
         return self.neurons
+
+    def _gram(self, table: dict[str, _Gram], lang: str) -> _Gram:
+        if lang not in table:
+            table[lang] = _Gram(self.neurons.numel())
+        return table[lang]
 
     def observe_other(self, batch: TokenBatch, inputs: torch.Tensor) -> None:
         inputs = inputs.float()
@@ -133,28 +165,118 @@ class _LayerCollector:
         last = _last_rows(batch, inputs, self.positions)  # [B, p, n]
         for row, item in enumerate(batch.items):
             prompt = self.others[item]
-            if prompt.role == "harmful_lr":
+            x = last[row][:, self.neurons]  # [p, k]
+            if prompt.role in ("harmful_lr", "benign_lr"):
                 twin = self.twin_outputs.get(prompt.pair)
                 if twin is None:
                     continue  # its English twin was not loaded (should not happen)
-                x = last[row][:, self.neurons].to(torch.float64)  # [p, k]
-                target = (twin - last[row] @ self.weight.T).to(torch.float64)  # [p, d]
-                self.pair_gram[prompt.lang] += x.T @ x
-                self.target_cross[prompt.lang] += target.T @ x
-                self.pair_count[prompt.lang] += x.shape[0]
-            else:
-                real = selected[row, : int(batch.lengths[row])].to(torch.float64)
-                self.benign_gram += real.T @ real
-                self.benign_tokens += real.shape[0]
+                target = twin - last[row] @ self.weight.T  # [p, d]
+                table = self.pair if prompt.role == "harmful_lr" else self.aligned
+                table[prompt.lang].add(x, target)
+                if prompt.role == "harmful_lr":
+                    continue
+            real = selected[row, : int(batch.lengths[row])].to(torch.float64)
+            self.benign_gram += real.T @ real
+            self.benign_tokens += real.shape[0]
+            table = self.decision_twinned if prompt.role == "benign_lr" else self.decision
+            self._gram(table, prompt.lang).add(x)
 
-    def statistics(self, languages: list[str]) -> LayerStatistics:
+    def statistics(self, languages: list[str], aligning: bool) -> LayerStatistics:
+        """The group's statistics. English and each of ``languages`` weigh alike in the
+        decision-position penalty; a language's benign prompts with twins are mapped instead
+        of held when ``aligning``."""
+        decision = []
+        for lang in ["en", *languages]:
+            grams = [self.decision.get(lang)]
+            if lang == "en" or not aligning:
+                grams.append(self.decision_twinned.get(lang))
+            merged = _Gram.merge([gram for gram in grams if gram is not None])
+            if merged is not None:
+                decision.append(merged.mean())
+        pair = _Regression.merge([self.pair[lang] for lang in languages])
+        aligned = _Regression.merge([self.aligned[lang] for lang in languages])
         return LayerStatistics(
-            pair_gram=sum(self.pair_gram[lang] for lang in languages),
-            target_cross=sum(self.target_cross[lang] for lang in languages),
+            pair_gram=pair.gram,
+            target_cross=pair.cross,
             benign_gram=self.benign_gram,
-            pairs=sum(self.pair_count[lang] for lang in languages),
+            pairs=pair.count,
             benign_tokens=self.benign_tokens,
+            decision_gram=sum(decision) / len(decision) if decision else None,
+            aligned_gram=aligned.gram,
+            aligned_cross=aligned.cross,
+            aligned=aligned.count,
         )
+
+
+class _Gram:
+    """Running ``X X^T`` and row count of one language's rows on the safety neurons."""
+
+    def __init__(self, k: int) -> None:
+        self.gram = torch.zeros(k, k, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        self.gram += x.T @ x
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.gram / max(self.count, 1)
+
+    @staticmethod
+    def merge(grams: list[_Gram]) -> _Gram | None:
+        if not grams:
+            return None
+        merged = _Gram(grams[0].gram.shape[0])
+        for gram in grams:
+            merged.gram += gram.gram
+            merged.count += gram.count
+        return merged
+
+
+class _Regression:
+    """Running ``X X^T``, ``T X^T`` and count of (activation, target change) rows."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        x, target = x.to(torch.float64), target.to(torch.float64)
+        if self.gram is None:
+            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.cross = torch.zeros(target.shape[1], x.shape[1], dtype=torch.float64)
+        self.gram += x.T @ x
+        self.cross += target.T @ x
+        self.count += x.shape[0]
+
+    @staticmethod
+    def merge(parts: list[_Regression]) -> _Regression:
+        merged = _Regression()
+        for part in parts:
+            if part.gram is None:
+                continue
+            if merged.gram is None:
+                merged.gram, merged.cross = part.gram.clone(), part.cross.clone()
+            else:
+                merged.gram += part.gram
+                merged.cross += part.cross
+            merged.count += part.count
+        return merged
+
+
+def _solve(stats: LayerStatistics, settings: SolverSettings) -> LowRankUpdate:
+    return solve_layer(
+        stats,
+        rank=settings.rank,
+        constraint=settings.constraint,
+        benign_weight=settings.benign_weight,
+        ridge=settings.ridge,
+        null_space_energy=settings.null_space_energy,
+        decision_weight=settings.decision_weight,
+        benign_alignment=settings.benign_alignment,
+    )
 
 
 def solve(
@@ -208,6 +330,7 @@ def solve(
     other_run.start()
     timings.forward_seconds += time.perf_counter() - tick
 
+    aligning = settings.benign_alignment > 0
     edits: dict[str, list[TensorEdit]] = {name: [] for name in groups}
     chosen: dict[int, torch.Tensor] = {}
     spectra: dict[str, dict[int, list[float]]] = {name: {} for name in groups}
@@ -227,7 +350,10 @@ def solve(
         )
         tick = time.perf_counter()
         english_run.run_layer(collector.observe_english)
-        neurons = collector.choose_neurons(settings.neurons_per_layer)
+        if settings.neuron_scoring == "within-language":
+            # One extra pass over this layer: the neurons must be known before the stash.
+            other_run.run_layer(collector.observe_scores, advance=False)
+        neurons = collector.choose_neurons(settings.neurons_per_layer, settings.neuron_scoring)
         other_run.run_layer(collector.observe_other)
         timings.forward_seconds += time.perf_counter() - tick  # includes hook time
 
@@ -236,17 +362,10 @@ def solve(
         updates = {}
         for group in groups:
             group_languages = config.groups[group]
-            stats = collector.statistics(group_languages)
+            stats = collector.statistics(group_languages, aligning)
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
-            update = solve_layer(
-                stats,
-                rank=settings.rank,
-                constraint=settings.constraint,
-                benign_weight=settings.benign_weight,
-                ridge=settings.ridge,
-                null_space_energy=settings.null_space_energy,
-            )
+            update = _solve(stats, settings)
             updates[group] = update
             spectra[group][layer] = [round(float(v), 6) for v in update.singular_values[:64]]
             edits[group].append(
@@ -262,14 +381,7 @@ def solve(
         if settings.sequential:
             joint = updates.get(JOINT_GROUP)
             if joint is None:
-                joint = solve_layer(
-                    collector.statistics(joint_languages),
-                    rank=settings.rank,
-                    constraint=settings.constraint,
-                    benign_weight=settings.benign_weight,
-                    ridge=settings.ridge,
-                    null_space_energy=settings.null_space_energy,
-                )
+                joint = _solve(collector.statistics(joint_languages, aligning), settings)
             update_t = joint.dense().float().T  # [k, d]
             for batch in english_batches:
                 stash = collector.english_stash[id(batch)][..., neurons]

@@ -13,7 +13,9 @@ from vllm_safety_patch.solver.settings import DataSettings
 class SolvePrompt:
     text: str
     lang: str
-    role: str  # "harmful_en" | "harmful_lr" | "harmless_en" | "benign"
+    # English list: "harmful_en", "harmless_en" (neuron scoring), "benign_en" (everyday);
+    # others: "harmful_lr", "benign" (no twin), "benign_lr" (everyday, has an English twin)
+    role: str
     pair: str | None  # "<suite>:<index>" linking a low-resource prompt to its English twin
 
 
@@ -47,6 +49,11 @@ def gather_solve_data(languages: list[str], settings: DataSettings) -> SolveData
     for prompt in load_prompts("polyrefuse-harmless", "en", "train", ids=harmless_ids):
         english.append(SolvePrompt(prompt.text, "en", "harmless_en", None))
     note("polyrefuse-harmless", "en", "train")
+    everyday_ids = range(settings.everyday_rows)
+    if settings.everyday_rows:
+        for prompt in load_prompts("everyday", "en", "train", ids=everyday_ids):
+            english.append(SolvePrompt(prompt.text, "en", "benign_en", f"everyday:{prompt.index}"))
+        note("everyday", "en", "train")
 
     for lang in languages:
         paired = 0
@@ -75,6 +82,16 @@ def gather_solve_data(languages: list[str], settings: DataSettings) -> SolveData
                 for prompt in load_prompts("polyrefuse-harmless", lang, "train", ids=benign_ids):
                     others.append(SolvePrompt(prompt.text, lang, "benign", None))
                 note("polyrefuse-harmless", lang, "train")
+        if lang != "en" and settings.everyday_rows:
+            if lang not in suite_languages("everyday"):
+                raise DataError(
+                    f"the everyday benign set has no language '{lang}'",
+                    "set everyday_rows = 0 or add its translation to the everyday suite",
+                )
+            for prompt in load_prompts("everyday", lang, "train", ids=everyday_ids):
+                pair = f"everyday:{prompt.index}"
+                others.append(SolvePrompt(prompt.text, lang, "benign_lr", pair))
+            note("everyday", lang, "train")
         if lang in suite_languages("mgsm") and settings.mgsm_rows[1] > settings.mgsm_rows[0]:
             for prompt in load_prompts("mgsm", lang, ids=range(*settings.mgsm_rows)):
                 others.append(SolvePrompt(prompt.text, lang, "benign", None))

@@ -13,7 +13,11 @@ from vllm_safety_patch.languages import check_language
 
 
 class SolverSettings(BaseModel):
-    """How the edit is found and solved. Every field is recorded in the delta's manifest."""
+    """How the edit is found and solved. Every field is recorded in the delta's manifest.
+
+    A field added later defaults to the behaviour from before it existed, so a manifest that
+    lacks it still describes its solve; the shipped configs set every field explicitly.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -26,7 +30,27 @@ class SolverSettings(BaseModel):
         default="penalty",
         description="benign preservation: weighted penalty, or exact null-space projection",
     )
-    benign_weight: float = Field(default=1.0, ge=0, description="lambda of the penalty")
+    benign_weight: float = Field(
+        default=1.0, ge=0, description="lambda of the penalty on every benign token"
+    )
+    decision_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the penalty on benign prompts at the decision positions (the "
+        "tokens the pairs are matched at), each language of the group and English counted "
+        "alike; 0 leaves only the all-token penalty",
+    )
+    benign_alignment: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of mapping each low-resource benign prompt (everyday rows) onto "
+        "its English twin at the decision positions, as harmful prompts are; 0 keeps them fixed",
+    )
+    neuron_scoring: Literal["english", "within-language"] = Field(
+        default="english",
+        description="safety neurons separate harmful from harmless English prompts, or "
+        "harmful from harmless prompts within each language (mean Cohen's d over languages)",
+    )
     ridge: float = Field(default=1e-3, ge=0, description="ridge mu, relative to the pair trace")
     null_space_energy: float = Field(
         default=0.99, gt=0, lt=1, description="benign energy removed by the projection"
@@ -68,6 +92,12 @@ class DataSettings(BaseModel):
     )
     mgsm_rows: tuple[int, int] = Field(
         default=(0, 30), description="[start, stop) MGSM rows per language (constraint)"
+    )
+    everyday_rows: int = Field(
+        default=0,
+        ge=0,
+        description="everyday train rows per language, English included (constraint, "
+        "alignment twins, harmless class for neuron scoring)",
     )
 
 
