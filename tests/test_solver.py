@@ -310,3 +310,8 @@ def test_everyday_rows_for_a_language_without_them_are_refused() -> None:
     with pytest.raises(DataError, match="everyday"):
         settings = {"everyday_rows": 4, "polyrefuse_pairs": 2}  # Yoruba has PolyRefuse pairs
         gather_solve_data(["yo"], TINY_DATA.model_copy(update=settings))
+
+
+def test_bad_group_name_is_refused_before_solving() -> None:
+    with pytest.raises(ValueError, match="group name 'Compare-B'"):
+        SolveConfig(groups={"Compare-B": ["sw"]})

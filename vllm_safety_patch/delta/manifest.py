@@ -17,7 +17,7 @@ FORMAT_NAME = "vsp-delta"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "vsp_manifest"
 
-_GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -125,7 +125,7 @@ class DeltaManifest(_Strict):
     @field_validator("group")
     @classmethod
     def _group(cls, value: str) -> str:
-        if not _GROUP_NAME.match(value):
+        if not GROUP_NAME.match(value):
             raise ValueError("must be 1-64 chars of a-z 0-9 . _ - starting with a letter/digit")
         return value
 

@@ -33,10 +33,6 @@ class LayerScan:
     twin_gap: dict[str, float] = field(default_factory=dict)  # language -> relative distance
 
 
-def _last(batch: TokenBatch, activations: torch.Tensor) -> torch.Tensor:
-    return activations[torch.arange(activations.shape[0]), batch.lengths - 1].double()
-
-
 class _LayerObserver:
     """One layer's English class moments and last-token activations of every prompt."""
 
@@ -48,7 +44,7 @@ class _LayerObserver:
         self.others: dict[int, torch.Tensor] = {}  # harmful_lr index -> activation
 
     def on_english(self, batch: TokenBatch, inputs: torch.Tensor) -> None:
-        last = _last(batch, inputs)
+        last = batch.last_rows(inputs)[:, -1].double()
         if self.harmful is None:
             self.harmful, self.harmless = ClassMoments(last.shape[1]), ClassMoments(last.shape[1])
         for row, item in enumerate(batch.items):
@@ -60,7 +56,7 @@ class _LayerObserver:
                 self.harmless.add(last[row : row + 1])
 
     def on_other(self, batch: TokenBatch, inputs: torch.Tensor) -> None:
-        last = _last(batch, inputs)
+        last = batch.last_rows(inputs)[:, -1].double()
         for row, item in enumerate(batch.items):
             self.others[item] = last[row]
 

@@ -39,6 +39,11 @@ class TokenBatch:
         offsets = torch.arange(count - 1, -1, -1)
         return (self.lengths[:, None] - 1 - offsets[None, :]).clamp(min=0)
 
+    def last_rows(self, activations: torch.Tensor, count: int = 1) -> torch.Tensor:
+        """[B, count, n]: each prompt's last ``count`` real tokens of ``activations``."""
+        positions = self.last_positions(count)
+        return activations[torch.arange(activations.shape[0])[:, None], positions]
+
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     inner = getattr(model, "model", None)

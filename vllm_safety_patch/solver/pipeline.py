@@ -63,12 +63,6 @@ def _real_rows(batch: TokenBatch, activations: torch.Tensor) -> torch.Tensor:
     return activations[batch.attention_mask.bool()]
 
 
-def _last_rows(batch: TokenBatch, activations: torch.Tensor, count: int) -> torch.Tensor:
-    """[B, count, n]: each prompt's last ``count`` real tokens."""
-    positions = batch.last_positions(count)
-    return activations[torch.arange(activations.shape[0])[:, None], positions]
-
-
 class _LayerCollector:
     """Streams one layer's statistics from down_proj inputs."""
 
@@ -111,7 +105,7 @@ class _LayerCollector:
     def observe_english(self, batch: TokenBatch, inputs: torch.Tensor) -> None:
         inputs = inputs.float()
         self.english_stash[id(batch)] = inputs
-        last = _last_rows(batch, inputs, self.positions)  # [B, p, n]
+        last = batch.last_rows(inputs, self.positions)  # [B, p, n]
         for row, item in enumerate(batch.items):
             prompt = self.english[item]
             if prompt.pair is not None:
@@ -121,7 +115,7 @@ class _LayerCollector:
 
     def observe_scores(self, batch: TokenBatch, inputs: torch.Tensor) -> None:
         """Within-language scoring: decision-position moments of the other languages."""
-        last = _last_rows(batch, inputs.float(), self.positions)
+        last = batch.last_rows(inputs.float(), self.positions)
         for row, item in enumerate(batch.items):
             prompt = self.others[item]
             if prompt.role == "harmful_lr":
@@ -148,7 +142,7 @@ class _LayerCollector:
             rows = _real_rows(batch, inputs)[:, self.neurons].to(torch.float64)
             self.benign_gram += rows.T @ rows
             self.benign_tokens += rows.shape[0]
-            last = _last_rows(batch, inputs, self.positions)[..., self.neurons]
+            last = batch.last_rows(inputs, self.positions)[..., self.neurons]
             for row in range(last.shape[0]):
                 self._gram(self.decision, "en").add(last[row])
         return self.neurons
@@ -162,7 +156,7 @@ class _LayerCollector:
         inputs = inputs.float()
         selected = inputs[..., self.neurons]
         self.other_stash[id(batch)] = selected
-        last = _last_rows(batch, inputs, self.positions)  # [B, p, n]
+        last = batch.last_rows(inputs, self.positions)  # [B, p, n]
         for row, item in enumerate(batch.items):
             prompt = self.others[item]
             x = last[row][:, self.neurons]  # [p, k]

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vllm_safety_patch.delta.manifest import GROUP_NAME
 from vllm_safety_patch.errors import DataError, VSPError
 from vllm_safety_patch.languages import check_language
 
@@ -112,6 +113,12 @@ class SolveConfig(BaseModel):
     @classmethod
     def _groups(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         for name, languages in value.items():
+            if not GROUP_NAME.match(name):
+                # The delta's manifest refuses such a name: say so before a long solve.
+                raise ValueError(
+                    f"group name '{name}' must be 1-64 chars of a-z 0-9 . _ - starting with a "
+                    "letter or digit (it names the delta file and the served set)"
+                )
             if not languages:
                 raise ValueError(f"group '{name}' has no languages")
             for code in languages:
