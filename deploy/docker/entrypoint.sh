@@ -8,7 +8,8 @@
 #                         file, like an unset variable, leaves the admin routes off (403)
 #   VSP_ADMIN_TOKEN       the token itself, when no file is used
 #   VSP_HOST, VSP_PORT    where to listen (0.0.0.0:8000)
-# Arguments go to vLLM unchanged (e.g. --max-model-len 4096 --tensor-parallel-size 2).
+# Arguments go to vLLM unchanged (e.g. --max-model-len 4096 --tensor-parallel-size 2), with
+# or without a leading `--` (`docker run IMAGE -- --max-model-len 8192`).
 set -euo pipefail
 
 fail() {
@@ -39,4 +40,8 @@ fi
 # An empty variable (compose's ${VSP_ADMIN_TOKEN:-}) means "no token", not a bad token.
 [ -n "${VSP_ADMIN_TOKEN:-}" ] || unset VSP_ADMIN_TOKEN
 
+# The `--` below already separates vLLM's arguments; a second one would reach vLLM.
+if [ "${1:-}" = "--" ]; then
+  shift
+fi
 exec vsp "${args[@]}" -- "$@"

@@ -14,6 +14,7 @@ from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.delta.merge import edit_weight, edits_by_tensor
 from vllm_safety_patch.delta.verify import verify_against_checkpoint
 from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.filemodes import share_tree
 from vllm_safety_patch.models.checkpoint import Checkpoint
 from vllm_safety_patch.models.default_model import MARKER as BASE_MARKER
 
@@ -58,6 +59,8 @@ def write_merged_checkpoint(
         ],
     }
     (staging / MERGED_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    # save_file writes 0600 and copy2 keeps the base's modes: the server may run as another user.
+    share_tree(staging)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.replace(out_dir)
     return out_dir

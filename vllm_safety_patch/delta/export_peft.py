@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.filemodes import share_files
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -71,9 +72,13 @@ def write_peft_adapter(delta: Delta, base_model_path: str, out_dir: str | Path) 
         "inference_mode": True,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    written = [out_dir / name for name in ("adapter_model.safetensors", "adapter_config.json")]
+    save_file(tensors, written[0], metadata={"format": "pt"})
+    written[1].write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "vsp-delta.json").write_text(
         json.dumps({"group": delta.group, "sha256": delta.sha256}, indent=2) + "\n"
     )
+    # save_file writes 0600; the engine reading the adapter may run as another user. Only
+    # the files written here: out_dir may hold the user's own files.
+    share_files([*written, out_dir / "vsp-delta.json"])
     return out_dir

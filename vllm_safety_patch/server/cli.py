@@ -6,19 +6,25 @@ end of ``vllm_safety_patch/cli.py``), so the serving commands live next to the s
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand
 
 from vllm_safety_patch.errors import VSPError
+
+if TYPE_CHECKING:
+    from vllm_safety_patch.serve import Launch
 
 console = Console()
 error_console = Console(stderr=True)
@@ -29,7 +35,9 @@ ModelOption = Annotated[
     Path | None,
     typer.Option("--model", help="HF safetensors checkpoint folder (default: the prepared model)"),
 ]
-UrlOption = Annotated[str, typer.Option("--url", help="server base URL")]
+UrlOption = Annotated[
+    str, typer.Option("--url", help="server URL, with or without /v1 (http://HOST:PORT[/v1])")
+]
 TokenFileOption = Annotated[
     Path | None,
     typer.Option("--token-file", help="admin token file (else env VSP_ADMIN_TOKEN)"),
@@ -42,11 +50,55 @@ def die(error: VSPError) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+class ServeCommand(TyperCommand):
+    """``vsp serve [OPTIONS] -- VLLM_ARGS``: only what follows ``--`` goes to vLLM.
+
+    Anything else vsp serve does not know is refused here, in a second: handed to vLLM, a typo
+    such as ``--delta`` would leave the default deltas in place and fail a minute later in
+    vLLM's argument parser, with a page of usage text.
+    """
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        cut = args.index("--") if "--" in args else len(args)
+        own, vllm_args = args[:cut], args[cut + 1 :]
+        unknown = super().parse_args(ctx, own)  # unknown options are kept, not raised
+        if unknown and not ctx.resilient_parsing:
+            die(unknown_serve_argument(unknown[0], self.option_names(ctx)))
+        ctx.args = vllm_args
+        return ctx.args
+
+    def option_names(self, ctx: typer.Context) -> list[str]:
+        return [name for param in self.get_params(ctx) for name in param.opts if name[:2] == "--"]
+
+
+def unknown_serve_argument(argument: str, known: list[str]) -> VSPError:
+    """One line for an argument before ``--`` that vsp serve does not take."""
+    if not argument.startswith("-"):
+        return VSPError(
+            f"vsp serve takes no argument '{argument}' (it takes options only)",
+            f"vLLM's arguments go after '--': vsp serve [OPTIONS] -- {argument}",
+        )
+    name = argument.split("=", 1)[0]
+    # 0.75, not difflib's 0.6: '--max-model-len' is no typo of '--model'.
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    after = f"vsp serve [OPTIONS] -- {name} ..."
+    if close:
+        return VSPError(
+            f"vsp serve has no option {name}",
+            f"did you mean {close[0]}? (a vLLM option goes after '--': {after})",
+        )
+    return VSPError(f"vsp serve has no option {name}", f"vLLM's own options go after '--': {after}")
+
+
 def add_serving_commands(app: typer.Typer) -> None:
     """Register ``serve`` and the ``deltas`` sub-app on ``app``."""
 
     @app.command(
-        "serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+        "serve",
+        cls=ServeCommand,
+        options_metavar="[OPTIONS] [-- VLLM_ARGS...]",
+        # Kept (not raised) so that ServeCommand refuses them in one line of its own.
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )
     def serve_command(
         ctx: typer.Context,
@@ -84,7 +136,7 @@ def add_serving_commands(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Serve with vLLM (OpenAI API), deltas merged at load; vLLM args go after --."""
-        from vllm_safety_patch.serve import build_launch, exec_launch
+        from vllm_safety_patch.serve import build_launch, exec_launch, redact_argv
 
         try:
             launch = build_launch(
@@ -101,10 +153,10 @@ def add_serving_commands(app: typer.Typer) -> None:
             die(error)
         for note in launch.notes:
             error_console.print(f"note: {note}", soft_wrap=True, **PLAIN)
-        names = ", ".join(path.name for path in launch.deltas) or "none (base weights)"
-        error_console.print(f"serving {launch.model} with deltas: {names}", **PLAIN)
+        error_console.print(startup_line(launch), soft_wrap=True, **PLAIN)
         if dry_run:
-            print(json.dumps({"argv": launch.argv, "env": launch_env(launch.env)}, indent=2))
+            argv = redact_argv(launch.argv)  # --api-key and the like: never printed
+            print(json.dumps({"argv": argv, "env": launch_env(launch.env)}, indent=2))
             return
         exec_launch(launch)
 
@@ -122,7 +174,7 @@ def add_serving_commands(app: typer.Typer) -> None:
         """The server's delta folder, which deltas fit its model, and the active set."""
         try:
             token = admin_token(token_file)
-            status, payload = call("GET", f"{url.rstrip('/')}/v1/safety/deltas", None, token)
+            status, payload = call("GET", f"{server_root(url)}/v1/safety/deltas", None, token)
         except VSPError as error:
             die(error)
         if status != 200:
@@ -146,7 +198,7 @@ def add_serving_commands(app: typer.Typer) -> None:
             token = admin_token(token_file)
             status, payload = call(
                 "POST",
-                f"{url.rstrip('/')}/v1/safety/deltas/activate",
+                f"{server_root(url)}/v1/safety/deltas/activate",
                 {"deltas": requested},
                 token,
                 timeout=900,
@@ -165,6 +217,24 @@ def add_serving_commands(app: typer.Typer) -> None:
             )
         else:
             console.print("already active: nothing changed", **PLAIN)
+
+
+def startup_line(launch: Launch) -> str:
+    """What is served, under which model name (what clients send), with which deltas."""
+    names = ", ".join(path.name for path in launch.deltas) or "none (base weights)"
+    if launch.served_name == str(launch.model):
+        return f"serving {launch.model} with deltas: {names}"
+    return f"serving {launch.model} as model '{launch.served_name}' with deltas: {names}"
+
+
+def server_root(url: str) -> str:
+    """``http://host:8000``, ``.../`` and ``.../v1`` all name the same server (as in
+    ``vsp eval --base-url``): its root, to which the admin routes' paths are added."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise VSPError(f"'{url}' is not an http(s) URL", f"pass e.g. --url {DEFAULT_URL}")
+    root = url.strip().rstrip("/")
+    return root.removesuffix("/v1").rstrip("/")
 
 
 def launch_env(env: dict[str, str]) -> dict[str, str]:
