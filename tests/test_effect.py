@@ -109,3 +109,5 @@ def test_measure_effect_in_process_restores_the_model(tiny_qwen2: Path, tmp_path
     stored = delta.manifest.model_copy(update={"measured_effect": rows})
     table = effect_markdown([type(delta)(stored, delta.edits, delta.sha256, delta.source)])
     assert "| tiny |" in table and "Refusal of held-out harmful prompts" in table
+    # the everyday set and PolyRefuse are both over-refusal: each gets its own table
+    assert "everyday benign requests" in table and "PolyRefuse harmless" in table

@@ -6,10 +6,15 @@ from collections.abc import Sequence
 
 from vllm_safety_patch.delta.io import Delta
 
-METRIC_TITLES = {
-    "refusal_rate": "Refusal of held-out harmful prompts (MultiJail), %",
-    "over_refusal": "Over-refusal of benign prompts (PolyRefuse harmless val), %",
-    "mgsm_accuracy": "MGSM exact-match accuracy, %",
+# One table per (metric, data suite), in this order.
+TABLE_TITLES = {
+    ("refusal_rate", "multijail"): "Refusal of held-out harmful prompts (MultiJail), %",
+    ("over_refusal", "everyday"): "Refusal of everyday benign requests (the project's own set), %",
+    (
+        "over_refusal",
+        "polyrefuse-harmless",
+    ): "Over-refusal of benign prompts (PolyRefuse harmless), %",
+    ("mgsm_accuracy", "mgsm"): "MGSM exact-match accuracy, %",
 }
 
 
@@ -20,10 +25,13 @@ def gap_closed(before: float, after: float, english_before: float) -> float | No
 
 
 def effect_markdown(deltas: Sequence[Delta]) -> str:
-    """One table per metric: rows are deltas, cells 'before → after' per language."""
+    """One table per metric and suite: rows are deltas, cells 'before → after' per language."""
     lines: list[str] = []
-    for metric, title in METRIC_TITLES.items():
-        rows = [(d, [r for r in d.manifest.measured_effect if r.metric == metric]) for d in deltas]
+    for (metric, suite), title in TABLE_TITLES.items():
+        rows = [
+            (d, [r for r in d.manifest.measured_effect if (r.metric, r.suite) == (metric, suite)])
+            for d in deltas
+        ]
         rows = [(d, effect) for d, effect in rows if effect]
         if not rows:
             continue
