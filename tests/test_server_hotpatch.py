@@ -237,7 +237,9 @@ def test_a_lists_deltas_and_headers(server: dict, files: dict) -> None:
     assert set(available) == {"first", "second", "llama", "corrupt"}
     assert available["first"]["active"] and available["first"]["matches_model"]
     assert available["second"]["matches_model"] and not available["second"]["active"]
-    assert available["second"]["sha256"] == second.sha256[:12]
+    # The listing reads headers only: a digest is known once the server read the file whole.
+    assert available["second"]["sha256"] is None
+    assert available["first"]["sha256"] == first.sha256[:12]
     assert available["second"]["fingerprint"] == second.manifest.base_model.fingerprint[:12]
     assert available["second"]["group"] == "second" and available["second"]["languages"] == ["th"]
     assert not available["llama"]["matches_model"]
@@ -272,7 +274,11 @@ def test_b_activate_second_matches_its_merged_checkpoint(server: dict, files: di
     ids, seen = greedy(server)
     assert seen == {label(files["second"])}
     assert ids == reference["second"]
-    assert listing(server)["last_switch"]["to_deltas"] == [label(files["second"])]
+    listed = listing(server)
+    assert listed["last_switch"]["to_deltas"] == [label(files["second"])]
+    available = {entry["name"]: entry for entry in listed["available"]}
+    assert available["second"]["active"] and not available["first"]["active"]
+    assert available["second"]["sha256"] == files["second"].sha256[:12]  # read when activated
 
 
 def test_c_base_and_back_to_first_exactly(server: dict, files: dict) -> None:

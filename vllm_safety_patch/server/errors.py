@@ -21,6 +21,7 @@ class SafetyAPIError(Exception):
         fix: str,
         kind: str = "safety_error",
         headers: Mapping[str, str] | None = None,
+        failure: str | None = None,
     ) -> None:
         super().__init__(f"{problem}. Fix: {fix}")
         self.status = status
@@ -28,6 +29,9 @@ class SafetyAPIError(Exception):
         self.fix = fix
         self.kind = kind
         self.headers = dict(headers or {})
+        # Set when a switch was attempted and failed: the reason label it is counted under
+        # in vsp_hotpatch_failures_total (a refused request is not a failed switch).
+        self.failure = failure
 
     @classmethod
     def from_vsp(cls, status: int, error: VSPError, kind: str) -> SafetyAPIError:

@@ -1,10 +1,14 @@
 """A readers-writer gate between inference requests and weight switches.
 
-Every inference request holds the gate as a reader for its whole life, streaming included;
-a switch takes it as the writer: it closes the gate to new requests (they wait, they are not
+An inference request holds the gate as a reader from the moment its body has been read
+(just before it is handed to the engine) to its last byte, streaming included; a switch
+takes it as the writer: it closes the gate to new requests (they wait, they are not
 refused), waits until the requests already inside have finished, swaps the weights, and
 opens the gate again. So every request is computed by exactly one delta set from its first
 token to its last, and the ``X-Safety-Deltas`` header it carries names that set.
+
+A client that opened a request and never sends its body is not inside: it cannot hold up
+a switch (``middleware.py`` enters the gate only when the body is complete).
 """
 
 from __future__ import annotations
@@ -35,17 +39,25 @@ class SwitchGate:
     def in_flight(self) -> int:
         return self._in_flight
 
-    @asynccontextmanager
-    async def request(self) -> AsyncIterator[None]:
+    async def enter(self) -> None:
+        """Count one more running request, after any switch in progress has finished."""
         async with self._condition:
             await self._condition.wait_for(lambda: not self._closed)
             self._in_flight += 1
+
+    async def leave(self) -> None:
+        """The request counted by :meth:`enter` has finished (call exactly once)."""
+        async with self._condition:
+            self._in_flight -= 1
+            self._condition.notify_all()
+
+    @asynccontextmanager
+    async def request(self) -> AsyncIterator[None]:
+        await self.enter()
         try:
             yield
         finally:
-            async with self._condition:
-                self._in_flight -= 1
-                self._condition.notify_all()
+            await self.leave()
 
     @asynccontextmanager
     async def switch(self, drain_timeout: float) -> AsyncIterator[float]:

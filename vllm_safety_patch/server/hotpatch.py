@@ -12,6 +12,10 @@ Order, so that a refusal never changes what is served:
 If a worker fails in step 5, every worker reloads the old set (its deltas are cached in the
 workers since step 3); only if that fails too is the server marked degraded and inference
 refused (503), rather than serving weights nobody can name.
+
+A switch that was attempted and did not happen (drain or pause timed out, a worker refused
+or failed) counts in ``vsp_hotpatch_failures_total{reason}``; a refused request (bad name,
+no token) does not.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_safety_patch.delta.io import Delta, read_delta
+from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.delta.merge import check_distinct
 from vllm_safety_patch.errors import DeltaFormatError, DeltaMismatchError, VSPError
+from vllm_safety_patch.server import metrics
 from vllm_safety_patch.server.errors import SafetyAPIError
 from vllm_safety_patch.server.gate import DrainTimeoutError
 from vllm_safety_patch.server.protocol import ActivateResponse, SwitchRecord
@@ -76,6 +81,13 @@ def resolve(state: SafetyState, names: list[Any]) -> list[Path]:
                 "invalid_name",
             ) from None
         path = state.delta_path(name)
+        if not state.inside_folder(path):  # checked first: nothing outside is even looked at
+            raise SafetyAPIError(
+                422,
+                f"'{name}' is a link to a file outside the server's delta folder; refused",
+                "copy the delta file into the delta folder (links may only point inside it)",
+                "outside_folder",
+            )
         if not path.is_file():
             known = ", ".join(state.available_names()) or "none"
             raise SafetyAPIError(
@@ -92,7 +104,7 @@ def resolve(state: SafetyState, names: list[Any]) -> list[Path]:
 def read_and_verify(state: SafetyState, paths: list[Path]) -> list[Delta]:
     """Blocking (reads files, hashes base tensors): run it in a thread."""
     try:
-        deltas = [read_delta(path) for path in paths]
+        deltas = [state.read_recorded(path) for path in paths]
         check_distinct(deltas)
         state.verify(deltas)
     except DeltaFormatError as error:
@@ -138,6 +150,7 @@ async def _pause(state: SafetyState) -> bool:
             "(requests that did not come through this API server); nothing was switched",
             f"retry when the engine is idle, or raise {DRAIN_TIMEOUT_VAR}",
             "busy",
+            failure="engine_busy",
         ) from None
     return True
 
@@ -146,7 +159,21 @@ async def activate(state: SafetyState, names: list[Any]) -> ActivateResponse:
     """Switch to ``names``; see the module docstring for the order of the steps."""
     # Shielded: a client that hangs up mid-switch must not cancel it half-way (weights
     # reloaded but not recorded, scheduler left paused); the switch finishes either way.
-    return await asyncio.shield(asyncio.ensure_future(_activate(state, names)))
+    return await asyncio.shield(asyncio.ensure_future(_counted(state, names)))
+
+
+async def _counted(state: SafetyState, names: list[Any]) -> ActivateResponse:
+    """:func:`_activate`, counting a switch that failed (here, so a client that hung up
+    does not hide it) in ``vsp_hotpatch_failures_total`` with its reason."""
+    try:
+        return await _activate(state, names)
+    except SafetyAPIError as error:
+        if error.failure is not None:
+            metrics.hotpatch_failed(error.failure)
+        raise
+    except Exception:
+        metrics.hotpatch_failed("error")
+        raise
 
 
 async def _activate(state: SafetyState, names: list[Any]) -> ActivateResponse:
@@ -188,6 +215,7 @@ async def _activate(state: SafetyState, names: list[Any]) -> ActivateResponse:
                 "make the delta files readable on every node and do not rewrite them while "
                 "switching; then activate again",
                 "worker_refused",
+                failure="worker_refused",
             ) from None
         verify_seconds = time.monotonic() - started
         try:
@@ -214,6 +242,7 @@ async def _activate(state: SafetyState, names: list[Any]) -> ActivateResponse:
                 "nothing was switched",
                 f"retry when fewer long requests run, or raise {DRAIN_TIMEOUT_VAR}",
                 "busy",
+                failure="drain_timeout",
             ) from None
         record = SwitchRecord(
             from_deltas=[entry.label() for entry in old],
@@ -259,6 +288,7 @@ async def _restore(
             f"switching failed and the previous set could not be restored: {state.degraded}",
             "restart the server; inference is refused until then",
             "degraded",
+            failure="restore_failed",
         ) from None
     raise SafetyAPIError(
         500,
@@ -266,6 +296,7 @@ async def _restore(
         f"{header_value(old)} was restored and is served unchanged",
         "see the server log for the worker's traceback; check the checkpoint and delta files",
         "switch_failed",
+        failure="switch_failed",
     )
 
 

@@ -7,9 +7,13 @@ Series (all in the API-server process, where vLLM exposes the default registry):
 - ``vsp_refusals_total{language, delta_set, endpoint}``: those whose first choice
   :func:`~vllm_safety_patch.judge.refusal.is_refusal` calls a refusal;
 - ``vsp_active_delta_set_info{delta_set}``: 1 for the served set (the others are removed);
-- ``vsp_hotpatch_total`` / ``vsp_hotpatch_failures_total``: activation calls answered 2xx /
-  5xx (a worker failed mid-switch); refusals (4xx: bad name, busy, no token) count in
-  neither. ``vsp_hotpatch_seconds`` (``hotpatch.py``) is unchanged.
+- ``vsp_hotpatch_total``: activation calls answered 2xx;
+- ``vsp_hotpatch_failures_total{reason}``: switches attempted that did not happen or went
+  wrong (``FAILURE_REASONS``: the drain or the engine pause timed out (409 busy), a worker
+  refused the files (422) or failed mid-switch (500)), counted by ``hotpatch.py``; every
+  reason is exported from start-up at 0, so an alert on ``increase()`` sees the first one.
+  Refused requests (bad name, no token) count in neither. ``vsp_hotpatch_seconds``
+  (``hotpatch.py``) is unchanged.
 
 ``delta_set`` is the ``X-Safety-Deltas`` value of the answer; ``language`` is the client's
 ``X-Prompt-Language`` (validated) or the identified language of the last user message
@@ -39,6 +43,14 @@ COMPLETIONS = "/v1/completions"
 ENDPOINTS = (CHAT, COMPLETIONS)
 ACTIVATE = "/v1/safety/deltas/activate"
 LABELS = ("language", "delta_set", "endpoint")
+FAILURE_REASONS = (
+    "drain_timeout",  # requests still running after the drain timeout (409 busy)
+    "engine_busy",  # the engine did not pause in time (409 busy)
+    "worker_refused",  # a worker could not read or check the files; nothing touched (422)
+    "switch_failed",  # a worker failed mid-switch; the previous set was restored (500)
+    "restore_failed",  # ... and restoring failed too: the server is degraded (500)
+    "error",  # anything unexpected
+)
 # Copies are bounded: a prompt's language and a response's refusal are both in its opening.
 MAX_REQUEST_BYTES = 4 << 20
 MAX_RESPONSE_BYTES = 256 << 10
@@ -70,9 +82,11 @@ class _Metrics:
         self.hotpatch_failures = _get_or_make(
             Counter,
             "vsp_hotpatch_failures",
-            "Delta activation calls answered 5xx (switch failed on a worker)",
-            (),
+            "Delta switches that failed: drain or pause timed out, a worker refused or failed",
+            ("reason",),
         )
+        for reason in FAILURE_REASONS:  # exported at 0, so increase() sees the first failure
+            self.hotpatch_failures.labels(reason)
         # The taps' own cost, so operators can check it against request time in production
         # (bench/metrics_cost.py measures the same by replay).
         self.overhead = _get_or_make(
@@ -102,6 +116,14 @@ def metrics() -> _Metrics:
     if _metrics is None:
         _metrics = _Metrics()
     return _metrics
+
+
+def hotpatch_failed(reason: str) -> None:
+    """Count one failed switch under ``reason`` (one of ``FAILURE_REASONS``)."""
+    try:
+        metrics().hotpatch_failures.labels(reason).inc()
+    except Exception:  # metrics must never break serving
+        logger.exception("vsp: cannot count a failed switch (%s)", reason)
 
 
 def publish_active(label: str) -> None:
@@ -316,7 +338,8 @@ class Tap:
 
 
 class ActivationTap(Tap):
-    """Counts activation calls by the status of their answer."""
+    """Counts activation calls answered 2xx (failures are counted where their reason is
+    known, in ``hotpatch.py``) and publishes the set the answer names."""
 
     def wrap(self, receive: Receive, send: Send) -> tuple[Receive, Send]:
         async def tapped_send(message: Message) -> None:
@@ -332,11 +355,8 @@ class ActivationTap(Tap):
         return receive, tapped_send
 
     def record(self) -> None:
-        m = metrics()
         if 200 <= self.status < 300:
-            m.hotpatch.inc()
-        elif self.status >= 500:
-            m.hotpatch_failures.inc()
+            metrics().hotpatch.inc()
         if self.delta_set:
             publish_active(self.delta_set)
 

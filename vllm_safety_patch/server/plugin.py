@@ -19,16 +19,17 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 from starlette.types import ASGIApp
 
-from vllm_safety_patch.delta.io import read_delta
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.server import language, metrics
 from vllm_safety_patch.server.errors import SafetyAPIError, handle_safety_error
 from vllm_safety_patch.server.middleware import SafetyMiddleware
-from vllm_safety_patch.server.routes import activation_router, listing_router
+from vllm_safety_patch.server.routes import RouteGuard, activation_router, listing_router
 from vllm_safety_patch.server.state import (
     DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_SEND_STALL_TIMEOUT_S,
     DELTA_DIR_VAR,
     DRAIN_TIMEOUT_VAR,
+    SEND_STALL_VAR,
     ActiveEntry,
     SafetyState,
     header_value,
@@ -44,15 +45,21 @@ logger = logging.getLogger(f"vllm.{__name__}")
 
 
 def install_outermost(app: FastAPI, middleware: type[SafetyMiddleware]) -> None:
-    """Wrap the whole middleware stack, whatever vLLM adds after the plugins are attached.
+    """Wrap the whole middleware stack, whatever vLLM adds after the plugins are attached,
+    and apply the route allow-list (``routes.py``) there.
 
     ``add_middleware`` here would end up *inside* vLLM's CORS and ``--api-key`` layers
-    (they are added after the plugins), so their responses would lack the header.
+    (they are added after the plugins), so their responses would lack the header. The
+    allow-list runs when the stack is built and again on any call that finds the route
+    table changed: vLLM's SageMaker bootstrap builds the stack and only then adds its own
+    routes (``/adapters``), which the first call (lifespan start-up) removes.
     """
     build = app.build_middleware_stack
+    guard = RouteGuard(app.router)
 
     def build_with_safety() -> ASGIApp:
-        return middleware(build(), app.state)
+        guard()
+        return middleware(build(), app.state, guard)
 
     app.build_middleware_stack = build_with_safety  # type: ignore[method-assign]
 
@@ -110,16 +117,41 @@ async def build_state(engine_client: EngineClient | None, args: Namespace) -> Sa
         # route that silently turned into "no token configured".
         admin_token=read_admin_token(),
         engine=engine_client,
-        drain_timeout_s=float(os.environ.get(DRAIN_TIMEOUT_VAR, DEFAULT_DRAIN_TIMEOUT_S)),
+        drain_timeout_s=seconds_from_env(DRAIN_TIMEOUT_VAR, DEFAULT_DRAIN_TIMEOUT_S),
+        send_stall_timeout_s=seconds_from_env(SEND_STALL_VAR, DEFAULT_SEND_STALL_TIMEOUT_S),
     )
-    safety.active, problem = _load_time_set(load_config, delta_dir)
+    if safety.send_stall_timeout_s >= safety.drain_timeout_s:
+        logger.warning(
+            "vsp: %s (%g s) is not below %s (%g s): a client that stops reading can make a "
+            "switch fail as busy; keep the stall timeout the shorter one",
+            SEND_STALL_VAR,
+            safety.send_stall_timeout_s,
+            DRAIN_TIMEOUT_VAR,
+            safety.drain_timeout_s,
+        )
+    safety.active, problem = _load_time_set(load_config, safety)
     safety.hot_patch_problem = problem or _unsupported(engine_client, args, model_dir)
     if safety.hot_patch_problem is None:
         safety.hot_patch_problem = await _check_workers(safety)
     return safety
 
 
-def _load_time_set(load_config: Any, delta_dir: Path) -> tuple[list[ActiveEntry], str | None]:
+def seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from the environment, or a start-up error naming it."""
+    text = os.environ.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise VSPError(
+            f"{name}={text[:40]!r} is not a positive number of seconds",
+            f"set {name} to e.g. {default:g}, or unset it for that default",
+        )
+    return value
+
+
+def _load_time_set(load_config: Any, safety: SafetyState) -> tuple[list[ActiveEntry], str | None]:
     """The deltas the loader merged at start-up (it refuses to start unless all applied)."""
     from vllm_safety_patch.vllm_plugin.loader import LOAD_FORMAT, delta_paths_from_config
 
@@ -127,7 +159,10 @@ def _load_time_set(load_config: Any, delta_dir: Path) -> tuple[list[ActiveEntry]
         return [], None
     try:
         paths, _ = delta_paths_from_config(load_config.model_loader_extra_config or {})
-        entries = [ActiveEntry.of(read_delta(path), path, delta_dir) for path in paths]
+        entries = [
+            ActiveEntry.of(safety.read_recorded(Path(path)), Path(path), safety.delta_dir)
+            for path in paths
+        ]
     except VSPError as error:
         return [], f"a start-up delta cannot be read any more ({error})"
     return sorted(entries, key=lambda entry: (entry.group, entry.sha256)), None

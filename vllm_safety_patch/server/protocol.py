@@ -18,8 +18,15 @@ class DeltaInfo(_Body):
     group: str | None = Field(None, description="language group from the manifest")
     languages: list[str] = Field(default_factory=list)
     fingerprint: str | None = Field(None, description="base-model fingerprint, 12 characters")
-    sha256: str | None = Field(None, description="digest of the file, 12 characters")
-    matches_model: bool = Field(description="verified against the served checkpoint")
+    sha256: str | None = Field(
+        None,
+        description="digest of the file, 12 characters; null until the server has read the "
+        "whole file (at start-up or activation): the listing reads headers only",
+    )
+    matches_model: bool = Field(
+        description="its header fits the served checkpoint (architecture, shapes, fingerprint);"
+        " the tensor data is checked when it is activated"
+    )
     active: bool = False
     problem: str | None = Field(None, description="why it cannot be activated, if it cannot")
 

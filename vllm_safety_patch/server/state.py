@@ -10,15 +10,26 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import stat
+import struct
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vllm_safety_patch.delta.io import Delta, read_delta
-from vllm_safety_patch.delta.verify import verify_against_checkpoint
-from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.delta.header import SafetensorsHeader, parse_header
+from vllm_safety_patch.delta.io import FACTOR_DTYPE, NEURONS_DTYPE, Delta, read_delta, tensor_key
+from vllm_safety_patch.delta.manifest import MANIFEST_KEY, DeltaManifest
+from vllm_safety_patch.delta.verify import (
+    check_architecture,
+    check_fingerprint,
+    check_shapes,
+    verify_against_checkpoint,
+)
+from vllm_safety_patch.errors import DeltaFormatError, VSPError
 from vllm_safety_patch.models.checkpoint import Checkpoint
-from vllm_safety_patch.models.fingerprint import short
+from vllm_safety_patch.models.fingerprint import short, tensor_digest
 from vllm_safety_patch.server.gate import SwitchGate
 from vllm_safety_patch.server.protocol import ActiveDelta, DeltaInfo, SwitchRecord
 
@@ -34,6 +45,12 @@ TOKEN_FILE_VAR = "VSP_ADMIN_TOKEN_FILE"
 TOKEN_VAR = "VSP_ADMIN_TOKEN"
 DRAIN_TIMEOUT_VAR = "VSP_SWITCH_DRAIN_TIMEOUT_S"
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
+# A write to a client that waits this long (it stopped reading) ends the request. Below the
+# drain timeout, so a reader that never reads cannot make a switch fail on its own.
+SEND_STALL_VAR = "VSP_SEND_STALL_TIMEOUT_S"
+DEFAULT_SEND_STALL_TIMEOUT_S = 30.0
+# The listing reads headers only; a delta's header is a few kB, a model's tens of kB.
+LISTING_HEADER_CAP = 1 << 20
 MIN_TOKEN_LENGTH = 16
 TOKEN_FIX = (
     "start the server with 'vsp serve --admin-token-file FILE' (or set VSP_ADMIN_TOKEN), "
@@ -77,6 +94,79 @@ def read_admin_token(environ: dict[str, str] | None = None) -> str | None:
             TOKEN_FIX,
         )
     return token
+
+
+# Problems the open listing reports. Fixed texts: never bytes of the file (it may be any file,
+# e.g. a link to /etc/passwd), never the server's paths.
+OUTSIDE_FOLDER = (
+    "a link to a file outside the delta folder: refused; copy the file into the folder instead"
+)
+UNREADABLE = "the server cannot read it (permissions or I/O error); fix the file's permissions"
+NOT_A_DELTA = (
+    "not a valid vsp delta (damaged, truncated or another kind of file); "
+    "check it with 'vsp verify', or regenerate it with 'vsp solve'"
+)
+HEADER_TOO_LARGE = (
+    f"its header is over {LISTING_HEADER_CAP} bytes, which no delta's is: not a vsp delta; "
+    "remove it from the delta folder"
+)
+OTHER_MODEL_FIX = "use a delta solved for this model, or solve one with 'vsp solve'"
+OTHER_ARCHITECTURE = f"solved for another architecture; {OTHER_MODEL_FIX}"
+OTHER_SHAPES = f"edits tensors this model lacks or has in another shape; {OTHER_MODEL_FIX}"
+OTHER_WEIGHTS = (
+    f"solved for other base weights (fingerprint mismatch: another model, or another "
+    f"conversion of it); {OTHER_MODEL_FIX}"
+)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What says a file is unchanged without reading it (a rewrite changes size or mtime)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileIdentity:
+        return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def _identity(path: Path) -> FileIdentity | None:
+    try:
+        return FileIdentity.of(path.stat())
+    except OSError:
+        return None
+
+
+def read_header_capped(fd: int, size: int, source: str) -> SafetensorsHeader | str:
+    """The safetensors header of an open file, reading at most the cap; or a problem."""
+    prefix = os.pread(fd, 8, 0)
+    if len(prefix) < 8:
+        return NOT_A_DELTA
+    (length,) = struct.unpack("<Q", prefix)
+    if length > LISTING_HEADER_CAP:
+        return HEADER_TOO_LARGE
+    try:
+        return parse_header(prefix + os.pread(fd, length, 8), size, source)
+    except DeltaFormatError:
+        return NOT_A_DELTA
+
+
+def manifest_of(header: SafetensorsHeader, source: str) -> DeltaManifest | None:
+    """The manifest, if the header holds one and its tensors are exactly those it names."""
+    try:
+        manifest = DeltaManifest.from_json(header.metadata[MANIFEST_KEY], source)
+    except (KeyError, DeltaFormatError):
+        return None
+    expected = {
+        tensor_key(spec.name, part): (NEURONS_DTYPE if part == "neurons" else FACTOR_DTYPE, shape)
+        for spec in manifest.tensors
+        for part, shape in spec.factor_shapes().items()
+    }
+    found = {key: (entry.dtype, entry.shape) for key, entry in header.tensors.items()}
+    return manifest if found == expected else None
 
 
 def check_name(name: Any) -> str:
@@ -145,13 +235,22 @@ class SafetyState:
     # rather than serving weights nobody can name.
     degraded: str | None = None
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    send_stall_timeout_s: float = DEFAULT_SEND_STALL_TIMEOUT_S
     last_switch: SwitchRecord | None = None
     gate: SwitchGate = field(default_factory=SwitchGate)
     switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     checkpoint: Checkpoint | None = None
-    # sha256 -> None (matches the served checkpoint) or the problem: the checkpoint is fixed
-    # for the server's life, so a file's verdict never changes.
-    _verdicts: dict[str, str | None] = field(default_factory=dict)
+    # sha256 -> None: verified against the served checkpoint, which is fixed for the server's
+    # life, so a file's verdict never changes and each is checked once.
+    _verdicts: dict[str, None] = field(default_factory=dict)
+    # The open listing's memory, so a call costs a stat per file, not a read: name -> (file
+    # identity, what its header said); identity -> sha256 of files this process read whole
+    # (at start-up or activation); base tensor name -> digest (for fingerprints).
+    _listed: dict[str, tuple[FileIdentity, DeltaInfo]] = field(default_factory=dict)
+    _digests: dict[FileIdentity, str] = field(default_factory=dict)
+    _base_digests: dict[str, str] = field(default_factory=dict)
+    # Listing and activation run in threads and share the caches and the checkpoint.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def header(self) -> str:
         return header_value(self.active) if self.degraded is None else "unknown"
@@ -168,45 +267,117 @@ class SafetyState:
             if path.is_file() and _NAME.match(path.stem) and ".." not in path.stem
         )
 
-    def verify(self, deltas: list[Delta]) -> None:
-        """Raise the first problem of ``deltas`` against the served checkpoint (blocking)."""
+    def inside_folder(self, path: Path) -> bool:
+        """Whether ``path``, links followed, is in the delta folder (links may not leave it)."""
+        return path.resolve().is_relative_to(self.delta_dir.resolve())
+
+    def checkpoint_of(self) -> Checkpoint:
         if self.checkpoint is None:
             self.checkpoint = Checkpoint(self.model_dir)
-        for delta in deltas:
-            verdict = self._verdicts.get(delta.sha256, "unknown")
-            if verdict is None:
-                continue
-            verify_against_checkpoint([delta], self.checkpoint)
-            self._verdicts[delta.sha256] = None
+        return self.checkpoint
 
-    def describe(self, name: str) -> DeltaInfo:
-        """One entry of the listing (blocking: reads the file, maybe hashes base tensors)."""
+    def read_recorded(self, path: Path) -> Delta:
+        """:func:`read_delta`, remembering the digest under the file's identity for the
+        listing (only if the file did not change while it was read). Blocking."""
+        before = _identity(path)
+        delta = read_delta(path)  # raises DeltaFormatError for a missing or bad file
+        if before is not None and _identity(path) == before:
+            with self._lock:
+                self._digests[before] = delta.sha256
+        return delta
+
+    def verify(self, deltas: list[Delta]) -> None:
+        """Raise the first problem of ``deltas`` against the served checkpoint (blocking)."""
+        with self._lock:
+            checkpoint = self.checkpoint_of()
+            for delta in deltas:
+                verdict = self._verdicts.get(delta.sha256, "unknown")
+                if verdict is None:
+                    continue
+                verify_against_checkpoint([delta], checkpoint)
+                self._verdicts[delta.sha256] = None
+
+    def available(self) -> list[DeltaInfo]:
+        """The listing: one entry per delta file (blocking: a stat per file, and a header
+        read for the files that are new or changed since the last call)."""
+        with self._lock:
+            names = self.available_names()
+            listed = {name: self._describe(name) for name in names}
+            # Forget files that left the folder (bounded by what the folder holds).
+            self._listed = {name: self._listed[name] for name in names if name in self._listed}
+            present = {identity for identity, _ in self._listed.values()}
+            self._digests = {k: v for k, v in self._digests.items() if k in present}
+            return list(listed.values())
+
+    def _describe(self, name: str) -> DeltaInfo:
         path = self.delta_path(name)
-        active = {entry.sha256 for entry in self.active}
-
-        def public(error: VSPError) -> str:
-            # The listing is not admin-only: name the file, not where the server keeps it.
-            return str(error).replace(str(path), path.name)
-
+        if not self.inside_folder(path):
+            return DeltaInfo(name=name, matches_model=False, problem=OUTSIDE_FOLDER)
         try:
-            delta = read_delta(path)
-        except VSPError as error:
-            return DeltaInfo(name=name, matches_model=False, problem=public(error))
-        info = DeltaInfo(
+            # Non-blocking: a FIFO swapped in for the file must not hang the listing.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return DeltaInfo(name=name, matches_model=False, problem=UNREADABLE)
+        try:
+            status = os.fstat(fd)  # of what was opened: the facts below belong to it
+            identity = FileIdentity.of(status)
+            cached = self._listed.get(name)
+            if cached is None or cached[0] != identity:
+                if not stat.S_ISREG(status.st_mode):
+                    return DeltaInfo(name=name, matches_model=False, problem=NOT_A_DELTA)
+                cached = (identity, self._header_facts(name, fd, status.st_size))
+                self._listed[name] = cached
+        except OSError:
+            return DeltaInfo(name=name, matches_model=False, problem=UNREADABLE)
+        finally:
+            os.close(fd)
+        sha256 = self._digests.get(identity)
+        active = sha256 is not None and sha256 in {entry.sha256 for entry in self.active}
+        short_sha = sha256[:12] if sha256 else None
+        return cached[1].model_copy(update={"sha256": short_sha, "active": active})
+
+    def _header_facts(self, name: str, fd: int, size: int) -> DeltaInfo:
+        """What the header of one file says, and whether it fits the served model."""
+        source = f"{name}{DELTA_SUFFIX}"
+        header = read_header_capped(fd, size, source)
+        manifest = manifest_of(header, source) if not isinstance(header, str) else None
+        if manifest is None:
+            problem = header if isinstance(header, str) else NOT_A_DELTA
+            return DeltaInfo(name=name, matches_model=False, problem=problem)
+        problem = self._model_problem(manifest, source)
+        return DeltaInfo(
             name=name,
-            group=delta.group,
-            languages=list(delta.manifest.languages),
-            fingerprint=short(delta.manifest.base_model.fingerprint),
-            sha256=delta.sha256[:12],
-            matches_model=False,
-            active=delta.sha256 in active,
+            group=manifest.group,
+            languages=list(manifest.languages),
+            fingerprint=short(manifest.base_model.fingerprint),
+            matches_model=problem is None,
+            problem=problem,
         )
-        problem = self._verdicts.get(delta.sha256, "unknown")
-        if problem == "unknown":
+
+    def _model_problem(self, manifest: DeltaManifest, source: str) -> str | None:
+        """The manifest against the served checkpoint: architecture, shapes, fingerprint.
+        Reads only base tensors (each hashed once); the delta's tensor bytes are checked
+        when it is activated."""
+        checkpoint = self.checkpoint_of()
+        delta = Delta(manifest=manifest, edits={}, sha256="", source=source)
+        shapes = {name: checkpoint.shape(name) for name in checkpoint.tensor_names()}
+        edited = [spec.name for spec in manifest.tensors]
+
+        def fingerprint() -> None:
+            for name in edited:
+                if name not in self._base_digests:
+                    self._base_digests[name] = tensor_digest(checkpoint.get(name))
+            digests = {name: self._base_digests[name] for name in edited}
+            check_fingerprint(delta, checkpoint.config, digests)
+
+        checks: list[tuple[Callable[[], None], str]] = [
+            (lambda: check_architecture(delta, checkpoint.config), OTHER_ARCHITECTURE),
+            (lambda: check_shapes(delta, shapes), OTHER_SHAPES),
+            (fingerprint, OTHER_WEIGHTS),
+        ]
+        for check, problem in checks:
             try:
-                self.verify([delta])
-                problem = None
-            except VSPError as error:
-                problem = public(error)
-                self._verdicts[delta.sha256] = problem
-        return info.model_copy(update={"matches_model": problem is None, "problem": problem})
+                check()
+            except VSPError:
+                return problem
+        return None
