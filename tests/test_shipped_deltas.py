@@ -1,15 +1,27 @@
-"""The shipped deltas verify against the prepared default model; tampered copies do not."""
+"""The shipped deltas verify against the prepared default model; tampered copies do not.
+
+Files solved before manifests recorded a tensor digest fail every test here that reads them
+(read_delta refuses them) until ``vsp rehash deltas/<model>/*.safetensors`` records it;
+``test_shipped_deltas_record_their_tensor_digest`` names the files and the command.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from vllm_safety_patch.cli import app
 from vllm_safety_patch.config import DEFAULT_MODEL_NAME, repo_deltas_dir
 from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
+from vllm_safety_patch.delta.header import read_header
 from vllm_safety_patch.delta.io import write_delta
+from vllm_safety_patch.delta.manifest import MANIFEST_KEY
 from vllm_safety_patch.errors import DeltaFormatError, DeltaMismatchError
 from vllm_safety_patch.languages import MULTIJAIL_TARGETS
 from vllm_safety_patch.models.checkpoint import Checkpoint
@@ -21,6 +33,38 @@ SHIPPED = sorted((repo_deltas_dir() / DEFAULT_MODEL_NAME).glob("*.safetensors"))
 @pytest.fixture(scope="module")
 def default_checkpoint() -> Checkpoint:
     return Checkpoint(prepare_default_model().path)  # idempotent: prepared by set-up
+
+
+def test_shipped_deltas_record_their_tensor_digest() -> None:
+    root = repo_deltas_dir().parent
+    lacking = [
+        str(path.relative_to(root))
+        for path in SHIPPED
+        if "tensors_sha256" not in json.loads(read_header(path).metadata[MANIFEST_KEY])
+    ]
+    assert not lacking, (
+        "written before manifests recorded a tensor digest: in the repository root run "
+        f"'.venv/bin/vsp rehash {' '.join(lacking)}'"
+    )
+
+
+def test_rehash_makes_a_copy_of_each_shipped_delta_verify(
+    default_checkpoint: Checkpoint, tmp_path: Path
+) -> None:
+    """What `vsp rehash` does to the shipped files, done to copies: each then reads and
+    verifies, and only the digest was added (tensors and manifest otherwise unchanged)."""
+    copies = [Path(shutil.copy(path, tmp_path / path.name)) for path in SHIPPED]
+    result = CliRunner().invoke(app, ["rehash", *(str(path) for path in copies)])
+    assert result.exit_code == 0, result.output
+    for original, copy in zip(SHIPPED, copies, strict=True):
+        delta = read_delta(copy)
+        verify_against_checkpoint([delta], default_checkpoint)
+        before, after = load_file(original), load_file(copy)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[key], after[key]) for key in before), original.name
+        recorded = json.loads(read_header(original).metadata[MANIFEST_KEY])
+        recorded.setdefault("tensors_sha256", delta.manifest.tensors_sha256)
+        assert delta.manifest.model_dump(mode="json") == recorded, original.name
 
 
 def test_all_nine_languages_are_covered() -> None:
@@ -41,17 +85,18 @@ def test_shipped_delta_verifies_and_carries_its_effect(
 
 def test_tampered_copies_are_refused(default_checkpoint: Checkpoint, tmp_path: Path) -> None:
     source = repo_deltas_dir() / DEFAULT_MODEL_NAME / "all.safetensors"
-    flipped = tmp_path / "flipped.safetensors"
-    shutil.copy(source, flipped)
-    blob = bytearray(flipped.read_bytes())
-    blob[-3] ^= 0xFF  # a factor byte: still parses, but the file is no longer what was solved
-    flipped.write_bytes(bytes(blob))
     delta = read_delta(source)
-    try:
-        changed = read_delta(flipped)
-        assert changed.sha256 != delta.sha256
-    except DeltaFormatError:
-        pass  # the flip produced NaN/Inf: refused as a damaged file, also fine
+    header = read_header(source)
+    name = next(key for key in sorted(header.tensors) if key.endswith(":B"))
+    entry = header.tensors[name]
+    middle = header.data_start + (entry.start + entry.end) // 2
+    blob = bytearray(source.read_bytes())
+    for position in range(middle, middle + 10):
+        blob[position] ^= 0x01  # ten factor bytes: still finite, still parses
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(blob))
+    with pytest.raises(DeltaFormatError, match="does not match the manifest's digest"):
+        read_delta(flipped)
     fingerprint = delta.manifest.base_model.model_copy(update={"fingerprint": "0" * 64})
     forged = tmp_path / "forged.safetensors"
     write_delta(forged, delta.manifest.model_copy(update={"base_model": fingerprint}), delta.edits)

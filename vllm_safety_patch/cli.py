@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,14 +16,18 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from vllm_safety_patch.config import default_model_dir
+from vllm_safety_patch.cli_output import fit_to_output, stage_progress, tidy_help
+from vllm_safety_patch.config import default_model_dir, repo_deltas_dir
 from vllm_safety_patch.errors import ModelPrepareError, VSPError
 
+tidy_help()
 app = typer.Typer(
     help="vllm-safety-patch: sparse safety edits for multilingual LLM serving.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    rich_markup_mode=None,
+    # --install-completion / --show-completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
 )
 model_app = typer.Typer(help="Prepare and describe the default base model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -29,7 +36,12 @@ console = Console()
 error_console = Console(stderr=True)
 
 ConfigOption = Annotated[
-    Path, typer.Option("--config", help="solver settings and language groups (TOML)")
+    Path | None,
+    typer.Option(
+        "--config",
+        help="solver settings and language groups (TOML; default: the repository's "
+        "deltas/solve.toml, wherever vsp runs from)",
+    ),
 ]
 ModelOption = Annotated[
     Path | None,
@@ -71,6 +83,20 @@ def main_options(
     ] = False,
 ) -> None:
     """vllm-safety-patch: sparse safety edits for multilingual LLM serving."""
+    # Imported here, not at the top: they register their commands on this app.
+    from vllm_safety_patch.eval import cli as eval_cli
+    from vllm_safety_patch.server import cli as server_cli
+
+    fit_to_output(
+        [
+            console,
+            error_console,
+            eval_cli.console,
+            eval_cli.error_console,
+            server_cli.console,
+            server_cli.error_console,
+        ]
+    )
 
 
 def _fail(error: VSPError) -> None:
@@ -86,6 +112,17 @@ def _model_path(model: Path | None) -> Path:
             f"the default model is not prepared (no {path})", "run 'vsp model prepare'"
         )
     return path
+
+
+# Two fingerprints, one function (models/fingerprint.py), over different tensors: the model's
+# covers every MLP weight of the checkpoint; a delta records the one of the weights it edits,
+# which is what verify, the loader and the server compare. Every printout names which.
+MODEL_FINGERPRINT = "model fingerprint"
+DELTA_FINGERPRINT = "delta base fingerprint"
+FINGERPRINTS_NOTE = (
+    f"({MODEL_FINGERPRINT}: config + every MLP weight of this checkpoint; a delta records "
+    f"its own {DELTA_FINGERPRINT}, over the base weights it edits, which 'vsp verify' checks)"
+)
 
 
 def _progress_columns() -> tuple:
@@ -125,7 +162,7 @@ def model_prepare(
             _fail(error)
     state = "prepared" if prepared.prepared_seconds else "already prepared"
     console.print(f"{state}: {prepared.path}", markup=False, soft_wrap=True)
-    console.print(f"fingerprint: {prepared.fingerprint}", markup=False)
+    console.print(f"{MODEL_FINGERPRINT}: {prepared.fingerprint}", markup=False)
     if prepared.prepared_seconds:
         console.print(f"took {prepared.prepared_seconds:.0f} s")
 
@@ -150,7 +187,9 @@ def model_info(
         print(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        console.print(f"{key}: {value}", markup=False, highlight=False)
+        label = MODEL_FINGERPRINT if key == "fingerprint" else key
+        console.print(f"{label}: {value}", markup=False, highlight=False, soft_wrap=True)
+    console.print(FINGERPRINTS_NOTE, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("inspect")
@@ -158,11 +197,11 @@ def inspect(
     file: Annotated[Path, typer.Argument(help="delta .safetensors file")],
     as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
 ) -> None:
-    """Print a delta's manifest."""
-    from vllm_safety_patch.delta import read_delta
+    """Print a delta's manifest (reads the header only: use 'vsp verify' to check the file)."""
+    from vllm_safety_patch.delta_view import read_delta_header
 
     try:
-        delta = read_delta(file)
+        delta = read_delta_header(file)
     except VSPError as error:
         _fail(error)
     manifest = delta.manifest
@@ -171,11 +210,14 @@ def inspect(
         return
     base = manifest.base_model
     # Manifest strings are data: print them with markup off, and tables from Text cells.
-    plain = {"markup": False, "highlight": False}
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
     console.print(f"{file}  group {manifest.group}  sha256 {delta.sha256[:12]}", **plain)
     console.print(f"languages: {', '.join(manifest.languages)}", **plain)
+    console.print(f"base model: {base.id} ({base.architecture})", **plain)
     console.print(
-        f"base model: {base.id} ({base.architecture}), fingerprint {base.fingerprint}", **plain
+        f"{DELTA_FINGERPRINT}: {base.fingerprint} (of the base weights it edits; "
+        "'vsp verify' compares it with the model's)",
+        **plain,
     )
     console.print(
         f"{len(manifest.tensors)} tensors, {manifest.neuron_count} neurons, rank ≤ {manifest.rank}",
@@ -216,35 +258,129 @@ def _cells(*values: object) -> list[Text]:
 def verify(
     files: Annotated[list[Path], typer.Argument(help="delta .safetensors file(s)")],
     model: ModelOption = None,
+    no_model: Annotated[
+        bool,
+        typer.Option(
+            "--no-model",
+            help="check the files alone, from their headers: manifest and tensor layout "
+            "(no model needed; values and fingerprint are checked against a model)",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="print the result as JSON (a failure too, exit code 2)"),
+    ] = False,
 ) -> None:
     """Check deltas: header, schema, dtypes, shapes, values, indices, fingerprint vs model."""
-    from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
+    try:
+        if no_model and model is not None:
+            raise VSPError("--no-model and --model exclude each other", "pass one of them")
+        if no_model:
+            checked_against, deltas, collisions = None, _check_headers(files), []
+        else:
+            checked_against, deltas, collisions = _check_against_model(files, model)
+    except VSPError as error:
+        if as_json:
+            print(json.dumps({"ok": False, "problem": error.problem, "fix": error.fix}))
+        _fail(error)
+    if as_json:
+        report = {
+            "ok": True,
+            "model": str(checked_against) if checked_against else None,
+            "checked": "header" if no_model else "file and model",
+            "deltas": [
+                {
+                    "file": str(source),
+                    "group": manifest.group,
+                    "languages": manifest.languages,
+                    "sha256": sha256,
+                    "delta_base_fingerprint": manifest.base_model.fingerprint,
+                }
+                for source, manifest, sha256 in deltas
+            ],
+            # Overlaps need the neuron indices, which a header does not hold.
+            "overlaps": None if no_model else [asdict(item) for item in collisions],
+        }
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    for line in _overlap_summary(collisions):
+        error_console.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
+    for source, manifest, _ in deltas:
+        fingerprint = f"{DELTA_FINGERPRINT} {manifest.base_model.fingerprint[:12]}"
+        if checked_against is None:
+            what = f"header and manifest are valid ({fingerprint}; no model checked)"
+        else:
+            what = f"matches {checked_against} ({fingerprint})"
+        # One line per delta, for scripts; group names are data, never markup.
+        console.print(
+            f"ok {source}: '{manifest.group}' {what}", markup=False, highlight=False, soft_wrap=True
+        )
+
+
+def _check_headers(files: list[Path]) -> list[tuple[Path, Any, str]]:
+    """``verify --no-model``: each file's header, manifest and tensor layout (no torch)."""
+    from vllm_safety_patch.delta_view import check_layout, read_delta_header
+
+    checked = []
+    for file in files:
+        delta = read_delta_header(file)
+        check_layout(delta)
+        checked.append((delta.path, delta.manifest, delta.sha256))
+    return checked
+
+
+def _check_against_model(
+    files: list[Path], model: Path | None
+) -> tuple[Path, list[tuple[Path, Any, str]], list]:
+    """Every check of every file, then each delta against the model; and their overlaps."""
+    from vllm_safety_patch.delta import verify_against_checkpoint
+    from vllm_safety_patch.delta.compose import find_collisions
     from vllm_safety_patch.models.checkpoint import Checkpoint
 
-    try:
-        deltas = [read_delta(file) for file in files]
-        checkpoint = Checkpoint(_model_path(model))
-        verify_against_checkpoint(deltas, checkpoint)
-    except VSPError as error:
-        _fail(error)
-    from vllm_safety_patch.delta.compose import find_collisions
+    deltas = _read_deltas(files)
+    checkpoint = Checkpoint(_model_path(model))
+    verify_against_checkpoint(deltas, checkpoint)
+    checked = [(Path(delta.source), delta.manifest, delta.sha256) for delta in deltas]
+    return checkpoint.path, checked, find_collisions(deltas)
 
-    collisions = find_collisions(deltas)
+
+def _read_deltas(files: list[Path]) -> list:
+    """Read and check delta files, a file that is no safetensors file named as such."""
+    from vllm_safety_patch.delta import read_delta
+    from vllm_safety_patch.delta_view import refuse_other_files
+
+    deltas = []
+    for file in files:
+        refuse_other_files(file)
+        deltas.append(read_delta(file))
+    return deltas
+
+
+def _overlap_summary(collisions: list) -> list[str]:
+    """Overlaps per pair of deltas, not per tensor (7 shipped deltas overlap in 105 tensors)."""
+    if not collisions:
+        return []
+    pairs: dict[tuple[str, str], list] = {}
     for collision in collisions:
-        console.print(f"overlap: {collision.describe()}", style="yellow", markup=False)
-    if collisions:
-        console.print(
-            "[yellow]overlapping deltas add up where they overlap; to serve several "
-            "language groups together, prefer the jointly solved 'all' delta[/]"
-        )
-    for delta in deltas:
-        console.print(
-            f"ok {delta.source}: '{delta.group}' matches {checkpoint.path} "
-            f"(fingerprint {delta.manifest.base_model.fingerprint[:12]})",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,  # one line per delta, for scripts
-        )
+        pairs.setdefault((collision.first, collision.second), []).append(collision)
+    neurons = sum(collision.shared_neurons for collision in collisions)
+    if len(pairs) <= 3:
+        lines = [
+            f"overlap: '{first}' and '{second}' both edit "
+            f"{sum(item.shared_neurons for item in found)} neurons in {len(found)} tensor(s)"
+            for (first, second), found in pairs.items()
+        ]
+    else:
+        groups = {group for pair in pairs for group in pair}
+        lines = [
+            f"overlap: {len(pairs)} pairs of these {len(groups)} deltas edit common neurons "
+            f"({len(collisions)} tensor overlaps, {neurons} neurons; --json lists each)"
+        ]
+    lines.append(
+        "overlapping deltas add up where they overlap; to serve several language groups "
+        "together, prefer the jointly solved 'all' delta"
+    )
+    return lines
 
 
 @app.command("apply")
@@ -254,13 +390,17 @@ def apply(
     model: ModelOption = None,
 ) -> None:
     """Write base + deltas as a full edited checkpoint (for engines without the plugin)."""
-    from vllm_safety_patch.delta import read_delta
-    from vllm_safety_patch.delta.export import write_merged_checkpoint
-    from vllm_safety_patch.models.checkpoint import Checkpoint
-
     try:
-        deltas = [read_delta(file) for file in files]
-        path = write_merged_checkpoint(Checkpoint(_model_path(model)), deltas, out)
+        _check_out_dir(out)
+        with _Stages() as stages:
+            stages.next(f"read and check {len(files)} delta file(s)")
+            from vllm_safety_patch.delta.export import write_merged_checkpoint
+            from vllm_safety_patch.models.checkpoint import Checkpoint
+
+            deltas = _read_deltas(files)
+            checkpoint = Checkpoint(_model_path(model))
+            stages.next(f"verify against {checkpoint.path}, merge, write {out}")
+            path = _writing(out, lambda: write_merged_checkpoint(checkpoint, deltas, out))
     except VSPError as error:
         _fail(error)
     console.print(f"wrote {path}", markup=False, soft_wrap=True)
@@ -276,46 +416,128 @@ def export(
     model: ModelOption = None,
 ) -> None:
     """Export a delta for other engines: a PEFT LoRA adapter, or a merged checkpoint."""
-    from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
-    from vllm_safety_patch.delta.export import write_merged_checkpoint
-    from vllm_safety_patch.delta.export_peft import write_peft_adapter
-    from vllm_safety_patch.models.checkpoint import Checkpoint
-
     try:
         if format not in ("peft", "merged"):
             raise VSPError(f"unknown export format '{format}'", "use --format peft or merged")
-        delta = read_delta(file)
-        checkpoint = Checkpoint(_model_path(model))
-        if format == "merged":
-            path = write_merged_checkpoint(checkpoint, [delta], out)
-        else:
-            verify_against_checkpoint([delta], checkpoint)
-            path = write_peft_adapter(delta, str(checkpoint.path), out)
+        _check_out_dir(out)
+        with _Stages() as stages:
+            stages.next("read and check the delta file")
+            from vllm_safety_patch.delta import verify_against_checkpoint
+            from vllm_safety_patch.delta.export import write_merged_checkpoint
+            from vllm_safety_patch.delta.export_peft import write_peft_adapter
+            from vllm_safety_patch.models.checkpoint import Checkpoint
+
+            [delta] = _read_deltas([file])
+            checkpoint = Checkpoint(_model_path(model))
+            if format == "merged":
+                stages.next(f"verify against {checkpoint.path}, merge, write {out}")
+                path = _writing(out, lambda: write_merged_checkpoint(checkpoint, [delta], out))
+            else:
+                stages.next(f"verify against {checkpoint.path}")
+                verify_against_checkpoint([delta], checkpoint)
+                stages.next(f"write the PEFT adapter to {out}")
+                base = str(checkpoint.path)
+                path = _writing(out, lambda: write_peft_adapter(delta, base, out))
     except VSPError as error:
         _fail(error)
     console.print(f"wrote {path}", markup=False, soft_wrap=True)
 
 
+OUT_FIX = "pass --out a new or empty folder in a place you can write"
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an --out that cannot become a folder, in one line, before any work."""
+    if out.exists() and not out.is_dir():
+        raise VSPError(f"--out {out} is a file, not a folder", OUT_FIX)
+    existing = out.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise VSPError(f"--out {out} lies under {existing}, which is a file", OUT_FIX)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise VSPError(f"--out {out}: {existing} is not writable", OUT_FIX)
+
+
+def _writing(out: Path, write: Callable[[], Path]) -> Path:
+    """Run ``write``; what the file system refuses (/proc, a full disk) becomes one line."""
+    try:
+        return write()
+    except OSError as error:
+        where = f": {error.filename}" if error.filename else ""
+        reason = error.strerror or type(error).__name__
+        raise VSPError(f"cannot write --out {out} ({reason}{where})", OUT_FIX) from None
+
+
+class _Stages:
+    """The stages of a long command on a terminal's stderr, each with its elapsed time (stdout
+    keeps the result line). Cleared on failure, so an error stays one line; not shown when
+    stderr is no terminal (a script's log gets no spinner frames)."""
+
+    def __init__(self) -> None:
+        self.progress = stage_progress(error_console)
+        self.task: Any = None
+        self.shown = error_console.is_terminal
+
+    def __enter__(self) -> _Stages:
+        if self.shown:
+            self.progress.start()
+        return self
+
+    def next(self, description: str) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, total=1, completed=1)
+        self.task = self.progress.add_task(description, total=None)
+
+    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        if error_type is None and self.task is not None:
+            self.progress.update(self.task, total=1, completed=1)
+        else:
+            self.progress.live.transient = True
+        if self.shown:
+            self.progress.stop()
+
+
 @app.command("solve")
 def solve_command(
-    config: ConfigOption = Path("deltas/solve.toml"),
+    config: ConfigOption = None,
     groups: Annotated[
-        str | None, typer.Option("--groups", help="comma-separated group names (default: all)")
+        str | None,
+        typer.Option("--groups", help="comma-separated group names (default: the config's)"),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="folder for the delta files")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="folder for the delta files (required, unless --overwrite-shipped: then "
+            "the shipped deltas/<model>/)",
+        ),
+    ] = None,
+    overwrite_shipped: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite-shipped",
+            help="write into the repository's deltas/ folder, replacing the shipped deltas "
+            "('make deltas' does); refused without it",
+        ),
+    ] = False,
     model: ModelOption = None,
 ) -> None:
-    """Find safety neurons and solve one sparse low-rank delta per language group."""
-    from vllm_safety_patch.config import DEFAULT_MODEL_NAME, repo_deltas_dir
+    """Find safety neurons and solve one sparse low-rank delta per language group.
+
+    Writes to --out; replacing the shipped deltas (deltas/<model>/, the default folder)
+    takes --overwrite-shipped.
+    """
+    from vllm_safety_patch.config import DEFAULT_MODEL_NAME
     from vllm_safety_patch.solver.pipeline import solve
     from vllm_safety_patch.solver.settings import load_solve_config
 
     try:
-        settings = load_solve_config(config)
-        names = groups.split(",") if groups else list(settings.groups)
         model_dir = _model_path(model)
         model_id = DEFAULT_MODEL_NAME if model is None else model_dir.name
-        out_dir = out or repo_deltas_dir() / model_id
+        out_dir = solve_out_dir(out, model_id, overwrite_shipped)
+        settings = load_solve_config(solve_config_path(config))
+        names = groups.split(",") if groups else list(settings.groups)
         with Progress(*_progress_columns(), console=console) as progress:
             task = progress.add_task(f"solve {', '.join(names)}", total=None)
 
@@ -341,9 +563,32 @@ def solve_command(
     )
 
 
+def solve_config_path(config: Path | None) -> Path:
+    """The given config, else the repository's deltas/solve.toml (not the working folder's)."""
+    return config if config is not None else repo_deltas_dir() / "solve.toml"
+
+
+def solve_out_dir(out: Path | None, model_id: str, overwrite_shipped: bool) -> Path:
+    """Where ``vsp solve`` writes; refused, before any work, if that replaces shipped deltas
+    and --overwrite-shipped was not given."""
+    shipped = repo_deltas_dir()
+    out_dir = out if out is not None else shipped / model_id
+    if overwrite_shipped or not out_dir.resolve().is_relative_to(shipped.resolve()):
+        return out_dir
+    if out is None:
+        problem = f"without --out, vsp solve would write into the shipped deltas ({out_dir})"
+    else:
+        problem = f"--out {out} is inside the shipped deltas folder ({shipped})"
+    raise VSPError(
+        problem,
+        "pass --out DIR for new deltas, or --overwrite-shipped to replace the shipped ones "
+        "(as 'make deltas' does)",
+    )
+
+
 @app.command("scan")
 def scan_command(
-    config: ConfigOption = Path("deltas/solve.toml"),
+    config: ConfigOption = None,
     langs: Annotated[
         str | None,
         typer.Option(help="languages whose twin gap to measure (default: the config's)"),
@@ -364,6 +609,7 @@ def scan_command(
     from vllm_safety_patch.solver.prompts import gather_solve_data
     from vllm_safety_patch.solver.settings import load_solve_config
 
+    config = solve_config_path(config)
     try:
         settings = load_solve_config(config)
         config_langs = sorted({lang for group in settings.groups.values() for lang in group})
@@ -497,6 +743,33 @@ def measure_command(
         if write:
             manifest = delta.manifest.model_copy(update={"measured_effect": rows})
             write_delta(file, manifest, delta.edits)
+
+
+@app.command("rehash")
+def rehash_command(
+    files: Annotated[list[Path], typer.Argument(help="delta .safetensors file(s)")],
+) -> None:
+    """Record the tensor digest in deltas written before manifests carried one.
+
+    Checks every file first (all of 'vsp verify's file checks); only then rewrites those
+    without a digest. A file whose digest does not match is refused, never re-stamped. Run it
+    only on files known to be as they were written (e.g. unchanged since their commit).
+    """
+    from vllm_safety_patch.delta.io import rehash_deltas
+
+    try:
+        done = rehash_deltas(files)
+    except VSPError as error:
+        _fail(error)
+    for path, delta, rewritten in done:
+        digest = (delta.manifest.tensors_sha256 or "")[:12]
+        state = "recorded tensor digest" if rewritten else "already records tensor digest"
+        console.print(
+            f"{path}: {state} {digest} (file sha256 {delta.sha256[:12]})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # `vsp serve` and `vsp deltas list|activate` live with the server code.

@@ -10,7 +10,8 @@ Layout of a file (see ``manifest.py`` for the schema)::
 For ``axis="columns"`` (a ``down_proj`` weight ``W`` of shape ``[out, in]``):
 ``W[:, neurons] += B @ A`` with ``B: [out, r]``, ``A: [r, k]``. For ``axis="rows"``
 (``gate_proj``/``up_proj``): ``W[neurons, :] += B @ A`` with ``B: [k, r]``, ``A: [r, in]``.
-Never a dense full-size delta; no pickle anywhere.
+Never a dense full-size delta; no pickle anywhere. The manifest's ``tensors_sha256`` is the
+digest of these tensors (``digest.py``): recorded by every write, checked by every read.
 """
 
 from vllm_safety_patch.delta.io import Delta, TensorEdit, read_delta, write_delta

@@ -47,6 +47,29 @@ def _fail(source: str, problem: str) -> DeltaFormatError:
     return DeltaFormatError(f"{source}: {problem}", REGENERATE)
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (raised by :func:`unique_keys`)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def shown(self, limit: int = 80) -> str:
+        """The key for an error message: quoted, cut to ``limit`` characters (it is data)."""
+        return repr(self.key if len(self.key) <= limit else self.key[:limit] + "...")
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``object_pairs_hook`` for json.loads, which would silently keep the last of two equal
+    keys where other readers (the safetensors library among them) need not: refuse them."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
 def parse_header(blob: bytes, file_size: int, source: str = "delta") -> SafetensorsHeader:
     """Parse the header at the start of ``blob`` (a prefix of a file of ``file_size`` bytes).
 
@@ -61,7 +84,10 @@ def parse_header(blob: bytes, file_size: int, source: str = "delta") -> Safetens
     if 8 + header_len > file_size or 8 + header_len > len(blob):
         raise _fail(source, "truncated inside the header")
     try:
-        header = json.loads(blob[8 : 8 + header_len].decode("utf-8"))
+        header = json.loads(blob[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKeyError as duplicate:  # a tensor name (or metadata key) given twice
+        problem = f"duplicate name in the header: {duplicate.shown()} appears twice"
+        raise _fail(source, problem) from None
     except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise _fail(source, "not a safetensors file (header is not UTF-8 JSON)") from None
     if not isinstance(header, dict):

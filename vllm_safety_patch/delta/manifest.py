@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_safety_patch import __version__
+from vllm_safety_patch.delta.header import DuplicateKeyError, unique_keys
 from vllm_safety_patch.errors import DataError, DeltaFormatError
 from vllm_safety_patch.languages import check_language
 from vllm_safety_patch.models.fingerprint import ARCHITECTURE_KEYS
@@ -119,6 +120,11 @@ class DeltaManifest(_Strict):
         default_factory=dict, description="sha256 of each data file the solver read"
     )
     measured_effect: list[EffectRow] = Field(default_factory=list)
+    tensors_sha256: str | None = Field(
+        default=None,
+        description="digest of the stored tensors (delta/digest.py): set by every write, "
+        "checked by every read; absent only in files written before it existed",
+    )
     created_by: str = f"vllm-safety-patch {__version__}"
     description: str = ""
 
@@ -127,6 +133,13 @@ class DeltaManifest(_Strict):
     def _group(cls, value: str) -> str:
         if not GROUP_NAME.match(value):
             raise ValueError("must be 1-64 chars of a-z 0-9 . _ - starting with a letter/digit")
+        return value
+
+    @field_validator("tensors_sha256")
+    @classmethod
+    def _digest_hex(cls, value: str | None) -> str | None:
+        if value is not None and not _HEX64.match(value):
+            raise ValueError("must be 64 lowercase hex characters (sha256)")
         return value
 
     @field_validator("languages")
@@ -163,7 +176,12 @@ class DeltaManifest(_Strict):
     @classmethod
     def from_json(cls, text: str, source: str) -> DeltaManifest:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique_keys)
+        except DuplicateKeyError as duplicate:  # two values for one field: which one counts?
+            raise DeltaFormatError(
+                f"{source}: the manifest gives the key {duplicate.shown()} twice",
+                "regenerate the delta with 'vsp solve'; do not edit the manifest by hand",
+            ) from None
         except (ValueError, RecursionError) as error:  # JSONDecodeError, huge ints, nesting
             detail = (
                 f"{error.msg} at char {error.pos}"

@@ -108,6 +108,8 @@ def add_eval_commands(app: typer.Typer) -> None:
     eval_app = typer.Typer(
         help="Evaluate refusal, over-refusal and MGSM accuracy per language.",
         invoke_without_command=True,
+        # Without a command it runs the suites; 'compare' is the one sub-command.
+        subcommand_metavar="[compare RUN_A RUN_B]",
     )
     app.add_typer(eval_app, name="eval")
 
