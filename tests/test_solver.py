@@ -235,7 +235,7 @@ def test_decision_penalty_holds_benign_decision_positions() -> None:
     x, t, decision, tokens = _benign_problem(5)
     stats = LayerStatistics(
         x @ x.T, t @ x.T, tokens @ tokens.T, pairs=60, benign_tokens=300,
-        decision_gram=decision @ decision.T / 30,
+        decision_grams=(decision @ decision.T / 30,),
     )  # fmt: skip
     moved = [
         float((solve_layer(stats, rank=4, decision_weight=w).dense() @ decision).norm())
@@ -243,7 +243,7 @@ def test_decision_penalty_holds_benign_decision_positions() -> None:
     ]
     assert moved[0] > moved[1] > moved[2]
     same = solve_layer(stats, rank=4, decision_weight=0.0).dense()
-    without = solve_layer(dataclasses_replace(stats, decision_gram=None), rank=4).dense()
+    without = solve_layer(dataclasses_replace(stats, decision_grams=()), rank=4).dense()
     assert torch.equal(same, without)  # weight 0: exactly the all-token penalty alone
 
 

@@ -8,8 +8,9 @@ With ``x_i`` the low-resource harmful activations on those neurons and ``t_i`` t
 
 over benign activations ``b_j`` (the utility-preservation penalty), subject to rank(M) <= r.
 Two more terms take the same form: a penalty on benign prompts at the decision positions
-(``lam_d * sum ||M d_j||^2``, each language weighed alike, so the tokens that decide a refusal
-count however short the prompt), and, optionally, benign low-resource prompts mapped onto
+(each language's mean ``||M d_j||^2`` scaled to the pair term and weighted ``lam_d``, so the
+tokens that decide a refusal count however short the prompt and however many languages the
+group has), and, optionally, benign low-resource prompts mapped onto
 their English twins like the harmful pairs (``beta * sum ||M y_j - s_j||^2``): the edit then
 moves the language towards English, and refusal follows harm as it does in English.
 With ``G = XX^T + lam BB^T + mu I = L L^T`` (Cholesky) and ``C = T X^T``, the objective is
@@ -38,8 +39,8 @@ class LayerStatistics:
     benign_gram: torch.Tensor  # B B^T, k x k, over benign activations (all tokens)
     pairs: int
     benign_tokens: int
-    # sum over languages of D_l D_l^T / n_l: benign prompts at the decision positions
-    decision_gram: torch.Tensor | None = None
+    # per language, D_l D_l^T / n_l: benign prompts at the decision positions
+    decision_grams: tuple[torch.Tensor, ...] = ()
     aligned_gram: torch.Tensor | None = None  # Y Y^T, benign low-resource prompts with twins
     aligned_cross: torch.Tensor | None = None  # S Y^T, towards their English twins
     aligned: int = 0
@@ -124,8 +125,9 @@ def solve_layer(
     pair_trace = float(torch.trace(pair_gram))
     # Every benign term is scaled to the pair trace, so its weight means the same at every layer.
     penalty_gram = (benign_weight * pair_trace / _trace(benign_gram)) * benign_gram
-    if decision_weight and stats.decision_gram is not None:
-        decision = stats.decision_gram.to(torch.float64)
+    for decision in stats.decision_grams if decision_weight else ():
+        # Each language's benign decision rows weigh decision_weight times the pair term.
+        decision = decision.to(torch.float64)
         penalty_gram = penalty_gram + (decision_weight * pair_trace / _trace(decision)) * decision
     if benign_alignment and stats.aligned:
         aligned_gram = stats.aligned_gram.to(torch.float64) / stats.aligned

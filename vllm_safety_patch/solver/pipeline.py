@@ -176,7 +176,7 @@ class _LayerCollector:
             self._gram(table, prompt.lang).add(x)
 
     def statistics(self, languages: list[str], aligning: bool) -> LayerStatistics:
-        """The group's statistics. English and each of ``languages`` weigh alike in the
+        """The group's statistics. English and each of ``languages`` get their own term in the
         decision-position penalty; a language's benign prompts with twins are mapped instead
         of held when ``aligning``."""
         decision = []
@@ -195,7 +195,7 @@ class _LayerCollector:
             benign_gram=self.benign_gram,
             pairs=pair.count,
             benign_tokens=self.benign_tokens,
-            decision_gram=sum(decision) / len(decision) if decision else None,
+            decision_grams=tuple(decision),
             aligned_gram=aligned.gram,
             aligned_cross=aligned.cross,
             aligned=aligned.count,

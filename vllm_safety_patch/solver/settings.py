@@ -38,8 +38,8 @@ class SolverSettings(BaseModel):
         default=0.0,
         ge=0,
         description="weight of the penalty on benign prompts at the decision positions (the "
-        "tokens the pairs are matched at), each language of the group and English counted "
-        "alike; 0 leaves only the all-token penalty",
+        "tokens the pairs are matched at): English and each language of the group get a term "
+        "of this weight relative to the pair term; 0 leaves only the all-token penalty",
     )
     benign_alignment: float = Field(
         default=0.0,
