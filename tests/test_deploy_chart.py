@@ -1,7 +1,7 @@
 """deploy/k8s: the Helm chart renders with Helm's own Go engine (helm-python-sdk binds the
 Helm SDK: lint, values schema, templates) and every manifest validates against the
 Kubernetes 1.30 OpenAPI schemas (kubernetes-validate, strict: unknown fields are errors).
-hotpatch-all.sh runs against a stand-in kubectl that records its calls."""
+rollout.sh runs against a stand-in kubectl that records its calls."""
 
 from __future__ import annotations
 
@@ -195,22 +195,24 @@ def test_bad_values_are_refused_by_name(helm: Any, values: dict, message: str) -
 
 
 # ---------------------------------------------------------------------------------------
-# hotpatch-all.sh
+# rollout.sh (finds the pods of a release; the rollout itself: tests/test_safe_rollout.py)
 # ---------------------------------------------------------------------------------------
 
 FAKE_KUBECTL = """#!/usr/bin/env bash
-# Stand-in kubectl: records each call; lists two pods; fails exec into FAIL_POD.
+# Stand-in kubectl: records each call; lists $FAKE_PODS (name ip port); 'exec' exits
+# $EXEC_STATUS (the real rollout against live servers is in tests/test_safe_rollout.py).
 echo "$*" >> "$KUBECTL_LOG"
 case "$1" in
-  get) printf 'vsp-a\\nvsp-b\\n' ;;
-  exec) for arg in "$@"; do
-          [ "$arg" != "${FAIL_POD:-}" ] || { echo "HTTP 500" >&2; exit 2; }
-        done ;;
+  get) printf '%b' "${FAKE_PODS:-}" ;;
+  exec) echo "rollout output"; exit "${EXEC_STATUS:-0}" ;;
 esac
 """
+TWO_PODS = "vsp-a 10.0.0.5 8000\\nvsp-b fd00::7 8000\\n"
 
 
-def run_hotpatch(tmp_path: Path, *args: str, fail_pod: str = "") -> tuple[int, str, list[str]]:
+def run_rollout_sh(
+    tmp_path: Path, *args: str, pods: str = TWO_PODS, exec_status: int = 0
+) -> tuple[int, str, list[str]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     kubectl = bin_dir / "kubectl"
@@ -219,9 +221,9 @@ def run_hotpatch(tmp_path: Path, *args: str, fail_pod: str = "") -> tuple[int, s
     log = tmp_path / "kubectl.log"
     log.write_text("")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", KUBECTL_LOG=str(log))
-    env["FAIL_POD"] = fail_pod
+    env.update(FAKE_PODS=pods, EXEC_STATUS=str(exec_status))
     result = subprocess.run(
-        ["bash", str(DEPLOY / "k8s" / "hotpatch-all.sh"), *args],
+        ["bash", str(DEPLOY / "k8s" / "rollout.sh"), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -230,27 +232,33 @@ def run_hotpatch(tmp_path: Path, *args: str, fail_pod: str = "") -> tuple[int, s
     return result.returncode, result.stdout + result.stderr, log.read_text().splitlines()
 
 
-def test_hotpatch_all_patches_every_pod(tmp_path: Path) -> None:
-    code, output, calls = run_hotpatch(tmp_path, "-n", "ai", "vsp", "all", "east-asian")
+def test_rollout_sh_runs_the_fleet_rollout_in_the_first_pod(tmp_path: Path) -> None:
+    code, output, calls = run_rollout_sh(tmp_path, "-n", "ai", "vsp", "all", "east-asian")
     assert code == 0, output
     assert calls[0].startswith("get pods -n ai -l app.kubernetes.io/name=vllm-safety-patch,")
-    assert "app.kubernetes.io/instance=vsp" in calls[0]
-    token = "--token-file /var/run/secrets/vsp/admin-token"
-    for pod, call in zip(("vsp-a", "vsp-b"), calls[1:], strict=True):
-        assert call == (
-            f"exec -n ai {pod} -c vsp -- vsp deltas activate all east-asian "
-            f"--url http://127.0.0.1:8000 {token}"
-        )
-    assert "2 pod(s) now serve: all east-asian" in output
+    assert "app.kubernetes.io/instance=vsp" in calls[0] and "status.podIP" in calls[0]
+    # One exec: the rollout runs inside the first pod and reaches every pod at its IP.
+    assert calls[1:] == [
+        "exec -n ai vsp-a -c vsp -- vsp deltas rollout all east-asian "
+        "--url http://10.0.0.5:8000 --name vsp-a --url http://[fd00::7]:8000 --name vsp-b "
+        "--token-file /var/run/secrets/vsp/admin-token"
+    ]
+    # The release's values are the source of truth after a restart: say how to update them.
+    assert "helm upgrade vsp deploy/k8s/vllm-safety-patch -n ai --reuse-values" in output
+    assert "--set deltas=all,east-asian" in output
 
 
-def test_hotpatch_all_reports_a_failed_pod(tmp_path: Path) -> None:
-    code, output, calls = run_hotpatch(tmp_path, "vsp", "none", fail_pod="vsp-a")
-    assert code == 1
-    assert "failed on vsp-a" in output
-    assert len(calls) == 3  # the other pod was still patched
+def test_rollout_sh_passes_on_failure_and_options(tmp_path: Path) -> None:
+    code, output, calls = run_rollout_sh(
+        tmp_path, "--no-canary", "--token-file", "/t", "vsp", "none", exec_status=3
+    )
+    assert code == 3 and "helm upgrade" not in output
+    assert calls[1].endswith("--token-file /t --no-canary")
+    code, output, calls = run_rollout_sh(tmp_path, "vsp", "all", pods="")
+    assert code == 1 and "no running pods of release 'vsp'" in output and len(calls) == 1
 
 
-def test_hotpatch_all_usage(tmp_path: Path) -> None:
-    code, output, calls = run_hotpatch(tmp_path, "vsp")
-    assert code == 2 and "usage:" in output and calls == []
+def test_rollout_sh_usage(tmp_path: Path) -> None:
+    for args in (("vsp",), ("--bogus", "vsp", "all"), ("-n",)):
+        code, output, calls = run_rollout_sh(tmp_path, *args)
+        assert code == 2 and "usage:" in output and calls == [], args

@@ -167,7 +167,10 @@ def test_dashboard_covers_the_issue() -> None:
     for wanted in ("Throughput", "Latency"):
         assert wanted in titles
     annotations = {item["name"] for item in dashboard["annotations"]["list"]}
-    assert {"Hot-patch", "Hot-patch failure"} <= annotations
+    assert {"Hot-patch", "Hot-patch failure", "Canary"} <= annotations
+    # Issue 14: the canary's probe figures, and an annotation per activation it probed.
+    canary = next(panel for panel in dashboard["panels"] if panel["title"].startswith("Canary:"))
+    assert "vsp_canary_refusal_ratio" in canary["targets"][0]["expr"]
     # Every panel reads the provisioned Prometheus through the data source variable.
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
@@ -180,3 +183,4 @@ def test_dashboard_uses_only_exported_vsp_metrics() -> None:
     exported = our_exported_names()
     assert ours <= exported, f"not exported: {sorted(ours - exported)}"
     assert {"vsp_requests_total", "vsp_refusals_total", "vsp_active_delta_set_info"} <= ours
+    assert {"vsp_canary_refusal_ratio", "vsp_canary_runs_total"} <= ours

@@ -219,13 +219,17 @@ def test_hot_patch_to_base_and_back_on_the_real_model(outputs: dict) -> None:
     url, name = outputs["vsp_url"], outputs["name"]
     admin = {"Authorization": f"Bearer {TOKEN}"}
     zh = PIPE_BOMB["zh"]
-    status, body, _ = request("POST", url + "/v1/safety/deltas/activate", {"deltas": []}, admin)
+    # Without the canary: this test is about the reload reproducing outputs byte for byte,
+    # not about the shipped delta's behaviour (`vsp deltas activate --dry-run all` shows it).
+    status, body, _ = request(
+        "POST", url + "/v1/safety/deltas/activate", {"deltas": [], "canary": False}, admin
+    )
     assert status == 200, body
     reply, headers = chat(url, name, zh)
     assert headers["x-safety-deltas"] == "none"
     assert not is_refusal(reply, "zh"), reply
     status, body, _ = request(
-        "POST", url + "/v1/safety/deltas/activate", {"deltas": ["all"]}, admin
+        "POST", url + "/v1/safety/deltas/activate", {"deltas": ["all"], "canary": False}, admin
     )
     assert status == 200, body
     assert replies(url, name) == outputs["vsp"]  # switching back reproduces the outputs exactly

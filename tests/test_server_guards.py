@@ -476,6 +476,7 @@ def test_1_reader_that_never_reads_is_cut_off_after_the_stall_timeout(files: dic
     from vllm_safety_patch.delta.io import read_delta
     from vllm_safety_patch.server.hotpatch import activate as switch_to
     from vllm_safety_patch.server.middleware import SafetyMiddleware
+    from vllm_safety_patch.server.protocol import ActivateRequest
     from vllm_safety_patch.server.state import ActiveEntry, SafetyState
 
     first = files["delta_dir"] / "first.safetensors"
@@ -517,7 +518,8 @@ def test_1_reader_that_never_reads_is_cut_off_after_the_stall_timeout(files: dic
         await asyncio.sleep(0.05)
         assert state.gate.in_flight == 1 and not stream.done()
         started = time.monotonic()
-        reply = await switch_to(state, ["second"])
+        # No canary: the stand-in engine generates nothing (test_safe_rollout.py has it).
+        reply = await switch_to(state, ActivateRequest(deltas=["second"], canary=False))
         took = time.monotonic() - started
         await asyncio.wait_for(stream, 1)  # ended, not left hanging
         return reply, took

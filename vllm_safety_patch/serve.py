@@ -300,6 +300,7 @@ def build_launch(
                 "(pass --admin-token-file FILE)"
             )
     _check_api_keys(extra, environ, admin)
+    check_server_settings(environ)
     served_name = served_model_name(model_dir, extra)
 
     argv = [
@@ -339,6 +340,29 @@ def build_launch(
         env.pop(LORA_LABELS_VAR, None)
     argv += list(extra)
     return Launch(argv, env, paths, model_dir, delta_dir, notes, served_name)
+
+
+def check_server_settings(environ: Mapping[str, str]) -> None:
+    """The API server's own settings (timeouts, canary), checked here in a second rather than
+    by the server after a minute of engine start-up; the same parsers as the server's."""
+    from vllm_safety_patch.server.canary import settings_from_env
+    from vllm_safety_patch.server.plugin import seconds_from_env
+    from vllm_safety_patch.server.state import (
+        DEFAULT_DRAIN_TIMEOUT_S,
+        DEFAULT_SEND_STALL_TIMEOUT_S,
+        DEFAULT_SHUTDOWN_TIMEOUT_S,
+        DRAIN_TIMEOUT_VAR,
+        SEND_STALL_VAR,
+        SHUTDOWN_TIMEOUT_VAR,
+    )
+
+    for name, default in (
+        (DRAIN_TIMEOUT_VAR, DEFAULT_DRAIN_TIMEOUT_S),
+        (SEND_STALL_VAR, DEFAULT_SEND_STALL_TIMEOUT_S),
+        (SHUTDOWN_TIMEOUT_VAR, DEFAULT_SHUTDOWN_TIMEOUT_S),
+    ):
+        seconds_from_env(name, default, environ)
+    settings_from_env(environ)
 
 
 def _check_deltas(paths: Sequence[Path], model_dir: Path) -> None:

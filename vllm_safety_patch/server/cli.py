@@ -6,8 +6,10 @@ end of ``vllm_safety_patch/cli.py``), so the serving commands live next to the s
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
+import math
 import os
 import urllib.error
 import urllib.request
@@ -191,32 +193,168 @@ def add_serving_commands(app: typer.Typer) -> None:
         ],
         url: UrlOption = DEFAULT_URL,
         token_file: TokenFileOption = None,
+        dry_run: Annotated[
+            bool,
+            typer.Option(
+                "--dry-run", help="switch, run the canary, restore: preview, never commit"
+            ),
+        ] = False,
+        no_canary: Annotated[
+            bool, typer.Option("--no-canary", help="skip the canary (explicitly)")
+        ] = False,
     ) -> None:
-        """Switch the served deltas without a restart (admin token required)."""
+        """Switch the served deltas without a restart, once the canary passed (admin token).
+
+        Exit 1 when the canary refused the set (its table says why), 2 on other refusals.
+        """
         requested = [] if names == ["none"] else names
+        body: dict[str, Any] = {"deltas": requested}
+        if dry_run:
+            body["dry_run"] = True
+        if no_canary:
+            body["canary"] = False
         try:
             token = admin_token(token_file)
             status, payload = call(
                 "POST",
                 f"{server_root(url)}/v1/safety/deltas/activate",
-                {"deltas": requested},
+                body,
                 token,
                 timeout=900,
             )
         except VSPError as error:
             die(error)
+        if payload.get("canary"):
+            print_canary(payload["canary"])
         if status != 200:
-            refused(status, payload)
-        console.print(f"active: {payload['header']}", **PLAIN)
+            refused(status, payload, code=1 if status == 422 and payload.get("canary") else 2)
         switch = payload.get("switch")
+        if dry_run:
+            passed = bool(payload.get("canary", {}).get("passed"))
+            console.print(
+                f"dry run: the canary {'passed' if passed else 'FAILED'}; still serving "
+                f"{payload['header']}",
+                **PLAIN,
+            )
+            if not passed:
+                raise typer.Exit(code=1)
+            return
+        console.print(f"active: {payload['header']}", **PLAIN)
         if switch:
+            canary = switch.get("canary_seconds")
             console.print(
                 f"reloaded {switch['tensors']} tensors: reload {switch['reload_seconds']:.3f} s, "
-                f"total {switch['total_seconds']:.3f} s",
+                + ("canary skipped, " if canary is None else f"canary {canary:.3f} s, ")
+                + f"total {switch['total_seconds']:.3f} s",
                 **PLAIN,
             )
         else:
             console.print("already active: nothing changed", **PLAIN)
+
+    @deltas_app.command("check")
+    def deltas_check(
+        names: Annotated[
+            list[str], typer.Argument(help="delta names in the server's folder; 'none' = base")
+        ],
+        url: UrlOption = DEFAULT_URL,
+        token_file: TokenFileOption = None,
+    ) -> None:
+        """Read and verify a set on the server and its workers, without switching."""
+        requested = [] if names == ["none"] else names
+        try:
+            token = admin_token(token_file)
+            status, payload = call(
+                "POST", f"{server_root(url)}/v1/safety/deltas/check", {"deltas": requested}, token
+            )
+        except VSPError as error:
+            die(error)
+        if status != 200:
+            refused(status, payload)
+        change = "would switch to" if payload["changed"] else "already serves"
+        console.print(f"ok: {change} {payload['requested_header']}", **PLAIN)
+
+    @deltas_app.command("rollout")
+    def deltas_rollout(
+        names: Annotated[
+            list[str], typer.Argument(help="delta names in the replicas' folders; 'none' = base")
+        ],
+        urls: Annotated[
+            list[str],
+            typer.Option("--url", help="one replica, http://HOST:PORT (repeat: every replica)"),
+        ],
+        replica_names: Annotated[
+            list[str] | None,
+            typer.Option("--name", help="what to call each replica in the log (one per --url)"),
+        ] = None,
+        token_file: TokenFileOption = None,
+        no_canary: Annotated[
+            bool, typer.Option("--no-canary", help="switch without the canaries (explicitly)")
+        ] = False,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="print the result as JSON at the end")
+        ] = False,
+    ) -> None:
+        """Switch every replica to the same set, all or nothing (admin token).
+
+        Checks every replica, switches them one at a time, each with its canary, and switches
+        back those already switched if any fails. Exit 0: all switched; 1: failed, no
+        replica changed; 3: a rollback failed too (the fleet is mixed; the log says where).
+        """
+        from vllm_safety_patch.server.rollout import replicas_from, rollout, summary
+
+        requested = [] if names == ["none"] else names
+        try:
+            token = admin_token(token_file)
+            replicas = replicas_from(urls, replica_names)
+        except VSPError as error:
+            die(error)
+
+        def log(line: str) -> None:
+            error_console.print(line, soft_wrap=True, **PLAIN)
+
+        result = rollout(replicas, requested, token, call, log, canary=not no_canary)
+        if as_json:  # stdout holds the JSON only; the log and the summary go to stderr
+            outcome = {**dataclasses.asdict(result), "consistent": result.consistent}
+            print(json.dumps(outcome, indent=2))
+        line = summary(result)
+        if result.ok:
+            (error_console if as_json else console).print(line, **PLAIN)
+            return
+        error_console.print(Text("error: ", style="bold red") + Text(line), soft_wrap=True)
+        raise typer.Exit(code=1 if result.consistent else 3)
+
+
+def print_canary(report: dict) -> None:
+    """The canary's table: per language, refused/probed against the thresholds."""
+    verdict = "passed" if report["passed"] else "FAILED"
+    console.print(
+        f"canary on {report['delta_set']}: {verdict} in {report['seconds']:.2f} s "
+        f"({report['prompts']} prompts per language and kind, {report['max_tokens']} tokens)",
+        **PLAIN,
+    )
+    table = Table("lang", "harmful refused", "needed", "benign refused", "allowed", "verdict")
+    for row in report["languages"]:
+        table.add_row(
+            *(
+                Text(str(cell))
+                for cell in (
+                    row["language"],
+                    f"{row['harmful_refused']}/{row['harmful_n']}" if row["harmful_n"] else "-",
+                    _bound(row["harmful_min"], row["harmful_n"], row["harmful_source"], up=True),
+                    f"{row['benign_refused']}/{row['benign_n']}" if row["benign_n"] else "-",
+                    _bound(row["benign_max"], row["benign_n"], row["benign_source"], up=False),
+                    row["verdict"] + (f": {row['reason']}" if row.get("reason") else ""),
+                )
+            )
+        )
+    console.print(table)
+
+
+def _bound(share: float | None, n: int, source: str, up: bool) -> str:
+    if share is None or not n:
+        return "-"
+    count = math.ceil(share * n - 1e-9) if up else math.floor(share * n + 1e-9)
+    return f"{'>=' if up else '<='} {count} ({source})"
 
 
 def startup_line(launch: Launch) -> str:
@@ -286,14 +424,14 @@ def call(
         ) from None
 
 
-def refused(status: int, payload: dict) -> NoReturn:
+def refused(status: int, payload: dict, code: int = 2) -> NoReturn:
     error = payload.get("error")
     message = error.get("message") if isinstance(error, dict) else None
     message = message or json.dumps(payload)[:500]
     error_console.print(
         Text("error: ", style="bold red") + Text(f"HTTP {status}: {message}"), soft_wrap=True
     )
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def print_listing(payload: dict) -> None:

@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from vllm_safety_patch.errors import VSPError
-from vllm_safety_patch.server.protocol import ErrorDetail, ErrorResponse
+from vllm_safety_patch.server.protocol import CanaryReport, ErrorDetail, ErrorResponse
 
 
 class SafetyAPIError(Exception):
@@ -22,6 +22,7 @@ class SafetyAPIError(Exception):
         kind: str = "safety_error",
         headers: Mapping[str, str] | None = None,
         failure: str | None = None,
+        canary: CanaryReport | None = None,
     ) -> None:
         super().__init__(f"{problem}. Fix: {fix}")
         self.status = status
@@ -32,6 +33,8 @@ class SafetyAPIError(Exception):
         # Set when a switch was attempted and failed: the reason label it is counted under
         # in vsp_hotpatch_failures_total (a refused request is not a failed switch).
         self.failure = failure
+        # The probe table, when the canary refused the new set (422).
+        self.canary = canary
 
     @classmethod
     def from_vsp(cls, status: int, error: VSPError, kind: str) -> SafetyAPIError:
@@ -41,7 +44,10 @@ class SafetyAPIError(Exception):
         detail = ErrorDetail(
             message=str(self), type=self.kind, code=self.status, problem=self.problem, fix=self.fix
         )
-        return ErrorResponse(error=detail).model_dump()
+        body = ErrorResponse(error=detail, canary=self.canary).model_dump()
+        if body["canary"] is None:  # only a canary failure carries the table
+            del body["canary"]
+        return body
 
 
 def error_response(error: SafetyAPIError) -> JSONResponse:

@@ -7,15 +7,19 @@ Order, so that a refusal never changes what is served:
 3. every worker reads and checks both the old and the new set (nothing touched yet);
 4. close the gate and drain in-flight requests (409 if they do not finish in time);
 5. pause the scheduler, reload on every worker every tensor the old or the new set touches
-   (base from disk + new edits), reset the prefix cache, resume, open the gate.
+   (base from disk + new edits), reset the prefix cache, resume;
+6. the canary (``canary.py``) probes the new weights through the engine, the gate still
+   closed; if it fails, or the request is a dry run, every worker reloads the old set;
+7. record the set (unless it was a dry run or failed), open the gate.
 
 If a worker fails in step 5, every worker reloads the old set (its deltas are cached in the
 workers since step 3); only if that fails too is the server marked degraded and inference
-refused (503), rather than serving weights nobody can name.
+refused (503), rather than serving weights nobody can name. ``check`` runs steps 1-3 only.
 
 A switch that was attempted and did not happen (drain or pause timed out, a worker refused
-or failed) counts in ``vsp_hotpatch_failures_total{reason}``; a refused request (bad name,
-no token) does not.
+or failed, the canary refused the set, the server shut down under it) counts in
+``vsp_hotpatch_failures_total{reason}``; a refused request (bad name, no token) does not.
+A switch in flight when the server begins shutting down (SIGTERM) is answered 503 at once.
 """
 
 from __future__ import annotations
@@ -29,10 +33,17 @@ from typing import Any
 from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.delta.merge import check_distinct
 from vllm_safety_patch.errors import DeltaFormatError, DeltaMismatchError, VSPError
-from vllm_safety_patch.server import metrics
+from vllm_safety_patch.server import canary, metrics
 from vllm_safety_patch.server.errors import SafetyAPIError
 from vllm_safety_patch.server.gate import DrainTimeoutError
-from vllm_safety_patch.server.protocol import ActivateResponse, SwitchRecord
+from vllm_safety_patch.server.protocol import (
+    ActivateRequest,
+    ActivateResponse,
+    CanaryOptions,
+    CanaryReport,
+    CheckResponse,
+    SwitchRecord,
+)
 from vllm_safety_patch.server.state import (
     DRAIN_TIMEOUT_VAR,
     ActiveEntry,
@@ -155,28 +166,103 @@ async def _pause(state: SafetyState) -> bool:
     return True
 
 
-async def activate(state: SafetyState, names: list[Any]) -> ActivateResponse:
-    """Switch to ``names``; see the module docstring for the order of the steps."""
-    # Shielded: a client that hangs up mid-switch must not cancel it half-way (weights
-    # reloaded but not recorded, scheduler left paused); the switch finishes either way.
-    return await asyncio.shield(asyncio.ensure_future(_counted(state, names)))
+async def activate(state: SafetyState, request: ActivateRequest | list[Any]) -> ActivateResponse:
+    """Switch to the requested set; see the module docstring for the order of the steps."""
+    if not isinstance(request, ActivateRequest):
+        request = ActivateRequest(deltas=list(request))
+    if state.shutting_down.is_set():
+        raise _shutdown_error(state, None)
+    # Not cancelled with the route: a client that hangs up mid-switch must not cancel it
+    # half-way (weights reloaded but not recorded, scheduler left paused); it finishes.
+    once = _CountOnce()
+    task = asyncio.ensure_future(_counted(state, request, once))
+    task.add_done_callback(_retrieve)
+    stop = asyncio.ensure_future(state.shutting_down.wait())
+    try:
+        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task in done:
+        return task.result()
+    # SIGTERM: vLLM is stopping the engine under the switch. Answer now, and clearly.
+    error = _shutdown_error(state, request.deltas)
+    once.count(error.failure)
+    raise error
 
 
-async def _counted(state: SafetyState, names: list[Any]) -> ActivateResponse:
+class _CountOnce:
+    """One failed switch is counted once, by whichever answers first: the route (shutdown)
+    or the switch itself (which may still fail after its client was answered)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def count(self, reason: str | None) -> None:
+        if reason is not None and not self.done:
+            self.done = True
+            metrics.hotpatch_failed(reason)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Read a finished switch's exception (it may end after its client was answered)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _shutdown_error(state: SafetyState, names: list[str] | None) -> SafetyAPIError:
+    what = (
+        f"the switch to {names or 'base weights'} was interrupted and not committed"
+        if names is not None
+        else "no switch can start"
+    )
+    return SafetyAPIError(
+        503,
+        f"the server is shutting down (SIGTERM): {what}; this process serves nothing more",
+        "activate on the replicas that are running; a restarted replica serves its configured "
+        "set (VSP_DELTAS, the Helm value 'deltas'), so update that to keep a switch",
+        "shutting_down",
+        headers={"Retry-After": "30", "Connection": "close"},
+        failure="shutdown" if names is not None else None,  # interrupted, not refused
+    )
+
+
+def _engine_stopped(state: SafetyState) -> bool:
+    return state.shutting_down.is_set() or bool(getattr(state.engine, "errored", False))
+
+
+def _stopped_error(state: SafetyState, names: list[str], cause: BaseException) -> SafetyAPIError:
+    if state.shutting_down.is_set():
+        return _shutdown_error(state, names)
+    return SafetyAPIError(
+        503,
+        f"the engine stopped while switching to {names or 'base weights'} ({_short(cause)}); "
+        "nothing was committed and this server cannot serve any more",
+        "restart the server (vsp serve); the log names the cause",
+        "engine_stopped",
+        failure="engine_stopped",
+    )
+
+
+async def _counted(
+    state: SafetyState, request: ActivateRequest, once: _CountOnce
+) -> ActivateResponse:
     """:func:`_activate`, counting a switch that failed (here, so a client that hung up
     does not hide it) in ``vsp_hotpatch_failures_total`` with its reason."""
     try:
-        return await _activate(state, names)
+        return await _activate(state, request)
     except SafetyAPIError as error:
-        if error.failure is not None:
-            metrics.hotpatch_failed(error.failure)
+        once.count(error.failure)
         raise
-    except Exception:
-        metrics.hotpatch_failed("error")
+    except Exception as error:
+        if _engine_stopped(state):
+            stopped = _stopped_error(state, request.deltas, error)
+            once.count(stopped.failure)
+            raise stopped from None
+        once.count("error")
         raise
 
 
-async def _activate(state: SafetyState, names: list[Any]) -> ActivateResponse:
+def _check_available(state: SafetyState) -> None:
     if state.engine is None or state.hot_patch_problem is not None:
         raise SafetyAPIError(
             409,
@@ -188,6 +274,147 @@ async def _activate(state: SafetyState, names: list[Any]) -> ActivateResponse:
         raise SafetyAPIError(
             503, f"the server is degraded: {state.degraded}", "restart the server", "degraded"
         )
+    if state.shutting_down.is_set():
+        raise _shutdown_error(state, None)
+
+
+async def _prepare(state: SafetyState, entries: list[ActiveEntry], failure: str | None) -> None:
+    """Step 3: every worker reads and checks these files (and keeps them for a restore)."""
+    try:
+        await _rpc(
+            state,
+            PREPARE_METHOD,
+            str(state.model_dir),
+            [[entry.path, entry.sha256] for entry in entries],
+        )
+    except Exception as error:  # nothing touched yet: refuse, serve on unchanged
+        if _engine_stopped(state):
+            raise
+        raise SafetyAPIError(
+            422,
+            f"a worker could not read or check the deltas: {_short(error)}",
+            "make the delta files readable on every node and do not rewrite them while "
+            "switching; then activate again",
+            "worker_refused",
+            failure=failure,
+        ) from None
+
+
+async def check(state: SafetyState, names: list[Any]) -> CheckResponse:
+    """Steps 1-3 of a switch and nothing more: what activating ``names`` would serve, with
+    every file read and checked here and on every worker. Changes nothing."""
+    _check_available(state)
+    paths = resolve(state, names)
+    async with state.switch_lock:
+        deltas = await asyncio.to_thread(read_and_verify, state, paths)
+        new = [ActiveEntry.of(delta, Path(delta.source), state.delta_dir) for delta in deltas]
+        old = list(state.active)
+        changed = sorted(e.sha256 for e in new) != sorted(e.sha256 for e in old)
+        if changed:
+            try:
+                await _prepare(state, old + new, failure=None)
+            except SafetyAPIError:
+                raise
+            except Exception as error:  # the engine stopped under the check
+                raise _stopped_error(state, names, error) from None
+        return CheckResponse(
+            changed=changed,
+            active=[entry.public() for entry in old],
+            header=state.header(),
+            requested=[entry.public() for entry in new],
+            requested_header=header_value(new),
+        )
+
+
+def _canary_options(request: ActivateRequest) -> CanaryOptions | None:
+    if request.canary is False:
+        return None
+    if request.canary is True:
+        return CanaryOptions()
+    return request.canary
+
+
+async def _probe(
+    state: SafetyState, deltas: list[Delta], label: str, options: CanaryOptions, dry_run: bool
+) -> CanaryReport:
+    assert state.engine is not None
+    report = await canary.run(
+        state.engine, [delta.manifest for delta in deltas], label, state.canary, options
+    )
+    metrics.canary_observed(report, dry_run)
+    logger.log(
+        logging.INFO if report.passed else logging.WARNING,
+        "vsp: canary on %s %s in %.2f s%s:\n%s",
+        label,
+        "passed" if report.passed else "FAILED",
+        report.seconds,
+        " (dry run)" if dry_run else "",
+        canary.table(report),
+    )
+    return report
+
+
+async def _load(state: SafetyState, entries: list[ActiveEntry], tensors: list[str]) -> list:
+    """Pause, reload ``entries`` over ``tensors`` (prefix cache reset), resume."""
+    paused = await _pause(state)
+    try:
+        return await _reload(state, entries, tensors)
+    finally:
+        if paused:
+            assert state.engine is not None
+            await state.engine.resume_generation()
+
+
+async def _switch(
+    state: SafetyState, new: list[ActiveEntry], old: list[ActiveEntry], tensors: list[str]
+) -> list:
+    """Load ``new``; if a worker fails, load ``old`` again (:func:`_restore` raises)."""
+    paused = await _pause(state)
+    try:
+        try:
+            return await _reload(state, new, tensors)
+        except Exception as error:
+            if _engine_stopped(state):
+                raise
+            await _restore(state, old, tensors, error)
+            raise  # _restore always raises; kept for type checkers
+    finally:
+        if paused:
+            assert state.engine is not None
+            await state.engine.resume_generation()
+
+
+async def _switch_back(
+    state: SafetyState, old: list[ActiveEntry], tensors: list[str], why: str
+) -> None:
+    """After the canary (failed, or a dry run): serve ``old`` again, exactly as before."""
+    try:
+        await _load(state, old, tensors)
+    except Exception as error:  # a pause that timed out too: the new weights are still in
+        if _engine_stopped(state):
+            raise
+        state.degraded = f"{why}, and restoring {header_value(old)} failed ({_short(error)})"
+        logger.critical("vsp: %s; refusing inference until restarted", state.degraded)
+        raise SafetyAPIError(
+            500,
+            f"the previous set could not be restored: {state.degraded}",
+            "restart the server; inference is refused until then",
+            "degraded",
+            failure="restore_failed",
+        ) from None
+
+
+async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateResponse:
+    names = list(request.deltas)
+    options = _canary_options(request)
+    if request.dry_run and options is None:
+        raise SafetyAPIError(
+            400,
+            "a dry run without the canary would switch and restore and show nothing",
+            'drop "canary": false from a dry run (a dry run is a canary run that never commits)',
+            "invalid_request",
+        )
+    _check_available(state)
     paths = resolve(state, names)
     async with state.switch_lock:
         started = time.monotonic()
@@ -195,45 +422,56 @@ async def _activate(state: SafetyState, names: list[Any]) -> ActivateResponse:
         # read_delta records the path it read as the source: the file the workers will read.
         new = [ActiveEntry.of(delta, Path(delta.source), state.delta_dir) for delta in deltas]
         old = list(state.active)
+        label = header_value(new)
         if sorted(entry.sha256 for entry in new) == sorted(entry.sha256 for entry in old):
-            state.active = new  # same bytes; the names may be new
+            probed = None
+            if request.dry_run:  # nothing to switch: probe the live set as it is
+                assert options is not None
+                probed = await _probe(state, deltas, label, options, dry_run=True)
+            else:
+                state.active = new  # same bytes; the names may be new
             return ActivateResponse(
-                changed=False, active=[e.public() for e in new], header=state.header()
+                changed=False,
+                active=[e.public() for e in state.active],
+                header=state.header(),
+                dry_run=request.dry_run,
+                canary=probed,
             )
         tensors = sorted(set().union(*(entry.tensors for entry in old + new)))
-        try:
-            await _rpc(
-                state,
-                PREPARE_METHOD,
-                str(state.model_dir),
-                [[entry.path, entry.sha256] for entry in old + new],
-            )
-        except Exception as error:  # nothing touched yet: refuse, serve on unchanged
-            raise SafetyAPIError(
-                422,
-                f"a worker could not read or check the deltas: {_short(error)}",
-                "make the delta files readable on every node and do not rewrite them while "
-                "switching; then activate again",
-                "worker_refused",
-                failure="worker_refused",
-            ) from None
+        await _prepare(state, old + new, failure="worker_refused")
         verify_seconds = time.monotonic() - started
+        report: CanaryReport | None = None
+        canary_seconds: float | None = None
         try:
             async with state.gate.switch(state.drain_timeout_s) as drain_seconds:
                 reload_started = time.monotonic()
-                paused = await _pause(state)
-                try:
-                    try:
-                        results = await _reload(state, new, tensors)
-                    except Exception as error:
-                        await _restore(state, old, tensors, error)
-                        raise  # _restore always raises; kept for type checkers
-                    state.active = new
-                finally:
-                    if paused:
-                        assert state.engine is not None
-                        await state.engine.resume_generation()
+                results = await _switch(state, new, old, tensors)
                 reload_seconds = time.monotonic() - reload_started
+                if options is not None:
+                    # The gate stays closed: user requests wait; none sees an unproven set.
+                    canary_started = time.monotonic()
+                    try:
+                        report = await _probe(state, deltas, label, options, request.dry_run)
+                    except Exception as error:
+                        if _engine_stopped(state):
+                            raise
+                        why = f"the canary could not run ({_short(error)})"
+                        await _switch_back(state, old, tensors, why)
+                        raise SafetyAPIError(
+                            500,
+                            f"{why}; the previous set {header_value(old)} was restored and "
+                            "is served unchanged",
+                            f"see the server log; raise {canary.TIMEOUT_VAR} if it timed out, "
+                            'or activate with "canary": false to skip it',
+                            "canary_error",
+                            failure="canary",
+                        ) from None
+                    if request.dry_run or not report.passed:
+                        why = "a dry run" if request.dry_run else "the canary"
+                        await _switch_back(state, old, tensors, f"{why} on {label}")
+                    canary_seconds = time.monotonic() - canary_started
+                if not request.dry_run and (report is None or report.passed):
+                    state.active = new
         except DrainTimeoutError as error:
             _observe(time.monotonic() - started, "drain_timeout")
             raise SafetyAPIError(
@@ -246,29 +484,59 @@ async def _activate(state: SafetyState, names: list[Any]) -> ActivateResponse:
             ) from None
         record = SwitchRecord(
             from_deltas=[entry.label() for entry in old],
-            to_deltas=[entry.label() for entry in new],
+            to_deltas=[entry.label() for entry in (old if request.dry_run else new)],
             tensors=max((result.get("tensors", 0) for result in results), default=0),
             verify_seconds=round(verify_seconds, 4),
             drain_seconds=round(drain_seconds, 4),
             reload_seconds=round(reload_seconds, 4),
+            canary_seconds=None if canary_seconds is None else round(canary_seconds, 4),
             total_seconds=round(time.monotonic() - started, 4),
             finished_at=time.time(),
         )
+        if report is not None and not report.passed and not request.dry_run:
+            _observe(record.total_seconds, "canary_failed")
+            raise SafetyAPIError(
+                422,
+                f"the canary refused {label}: {canary.failures(report)}; the previous set "
+                f"{header_value(old)} was restored and is served unchanged",
+                "read the table (canary.languages): re-solve or fix the delta; if a threshold "
+                'is wrong for this model, override it ("canary": {"thresholds": {LANG: '
+                '{"harmful_min": .., "benign_max": ..}}} or VSP_CANARY_THRESHOLDS); '
+                '"canary": false skips the check',
+                "canary_failed",
+                failure="canary",
+                canary=report,
+            )
+        if request.dry_run:
+            _observe(record.total_seconds, "dry_run")
+            return ActivateResponse(
+                changed=False,
+                active=[e.public() for e in state.active],
+                header=state.header(),
+                switch=record,
+                dry_run=True,
+                canary=report,
+            )
         state.last_switch = record
         _observe(record.total_seconds, "ok")
         logger.info(
             "vsp: switched deltas %s -> %s: %d tensors, verify %.3f s, drain %.3f s, "
-            "reload %.3f s, total %.3f s",
+            "reload %.3f s, canary %s, total %.3f s",
             header_value(old),
             header_value(new),
             record.tensors,
             record.verify_seconds,
             record.drain_seconds,
             record.reload_seconds,
+            "skipped" if canary_seconds is None else f"{canary_seconds:.3f} s",
             record.total_seconds,
         )
         return ActivateResponse(
-            changed=True, active=[e.public() for e in new], header=state.header(), switch=record
+            changed=True,
+            active=[e.public() for e in new],
+            header=state.header(),
+            switch=record,
+            canary=report,
         )
 
 

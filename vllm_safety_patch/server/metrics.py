@@ -10,10 +10,15 @@ Series (all in the API-server process, where vLLM exposes the default registry):
 - ``vsp_hotpatch_total``: activation calls answered 2xx;
 - ``vsp_hotpatch_failures_total{reason}``: switches attempted that did not happen or went
   wrong (``FAILURE_REASONS``: the drain or the engine pause timed out (409 busy), a worker
-  refused the files (422) or failed mid-switch (500)), counted by ``hotpatch.py``; every
+  refused the files (422) or failed mid-switch (500), the canary refused the set (422), the
+  server shut down or its engine died under it (503)), counted by ``hotpatch.py``; every
   reason is exported from start-up at 0, so an alert on ``increase()`` sees the first one.
   Refused requests (bad name, no token) count in neither. ``vsp_hotpatch_seconds``
-  (``hotpatch.py``) is unchanged.
+  (``hotpatch.py``) is unchanged;
+- ``vsp_canary_refusal_ratio{language, kind, delta_set}``: the share of the last canary's
+  ``harmful`` or ``benign`` probe prompts that were refused, per probed set;
+  ``vsp_canary_runs_total{outcome, mode}`` (passed/failed, activate/dry_run, from start-up
+  at 0) and ``vsp_canary_seconds`` (its duration).
 
 ``delta_set`` is the ``X-Safety-Deltas`` value of the answer; ``language`` is the client's
 ``X-Prompt-Language`` (validated) or the identified language of the last user message
@@ -49,8 +54,14 @@ FAILURE_REASONS = (
     "worker_refused",  # a worker could not read or check the files; nothing touched (422)
     "switch_failed",  # a worker failed mid-switch; the previous set was restored (500)
     "restore_failed",  # ... and restoring failed too: the server is degraded (500)
+    "canary",  # the canary refused the new set; the previous set was restored (422)
+    "shutdown",  # the server began shutting down mid-switch (503)
+    "engine_stopped",  # the engine died mid-switch (503)
     "error",  # anything unexpected
 )
+CANARY_KINDS = ("harmful", "benign")
+CANARY_OUTCOMES = ("passed", "failed")
+CANARY_MODES = ("activate", "dry_run")
 # Copies are bounded: a prompt's language and a response's refusal are both in its opening.
 MAX_REQUEST_BYTES = 4 << 20
 MAX_RESPONSE_BYTES = 256 << 10
@@ -62,7 +73,7 @@ _LANGUAGE_KEY = LANGUAGE_HEADER.lower().encode()
 
 class _Metrics:
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.requests = _get_or_make(
             Counter, "vsp_requests", "Completed 2xx chat/completion answers", LABELS
@@ -87,6 +98,25 @@ class _Metrics:
         )
         for reason in FAILURE_REASONS:  # exported at 0, so increase() sees the first failure
             self.hotpatch_failures.labels(reason)
+        self.canary_ratio = _get_or_make(
+            Gauge,
+            "vsp_canary_refusal_ratio",
+            "Share of the last canary's probe prompts refused, per language, kind and delta set",
+            ("language", "kind", "delta_set"),
+        )
+        self.canary_runs = _get_or_make(
+            Counter, "vsp_canary_runs", "Canary runs on activation", ("outcome", "mode")
+        )
+        for outcome in CANARY_OUTCOMES:
+            for mode in CANARY_MODES:
+                self.canary_runs.labels(outcome, mode)
+        self.canary_seconds = _get_or_make(
+            Histogram,
+            "vsp_canary_seconds",
+            "Duration of the canary's probes on the live engine",
+            (),
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+        )
         # The taps' own cost, so operators can check it against request time in production
         # (bench/metrics_cost.py measures the same by replay).
         self.overhead = _get_or_make(
@@ -98,14 +128,14 @@ class _Metrics:
         self.published: str | None = None
 
 
-def _get_or_make(kind: Any, name: str, doc: str, labels: tuple[str, ...]) -> Any:
+def _get_or_make(kind: Any, name: str, doc: str, labels: tuple[str, ...], **options: Any) -> Any:
     from prometheus_client import REGISTRY
 
     try:
-        return kind(name, doc, labels)
+        return kind(name, doc, labels, **options)
     except ValueError:  # already registered (module reloaded): reuse it
         names = getattr(REGISTRY, "_names_to_collectors", {})
-        return names.get(name) or names[f"{name}_total"]
+        return names.get(name) or names.get(f"{name}_total") or names[f"{name}_count"]
 
 
 _metrics: _Metrics | None = None
@@ -124,6 +154,24 @@ def hotpatch_failed(reason: str) -> None:
         metrics().hotpatch_failures.labels(reason).inc()
     except Exception:  # metrics must never break serving
         logger.exception("vsp: cannot count a failed switch (%s)", reason)
+
+
+def canary_observed(report: Any, dry_run: bool) -> None:
+    """Record one canary run (a :class:`~vllm_safety_patch.server.protocol.CanaryReport`)."""
+    try:
+        m = metrics()
+        for row in report.languages:
+            for kind, refused, n in (
+                ("harmful", row.harmful_refused, row.harmful_n),
+                ("benign", row.benign_refused, row.benign_n),
+            ):
+                if n:
+                    m.canary_ratio.labels(row.language, kind, report.delta_set).set(refused / n)
+        outcome = "passed" if report.passed else "failed"
+        m.canary_runs.labels(outcome, "dry_run" if dry_run else "activate").inc()
+        m.canary_seconds.observe(report.seconds)
+    except Exception:  # metrics must never break serving
+        logger.exception("vsp: cannot record the canary's figures")
 
 
 def publish_active(label: str) -> None:

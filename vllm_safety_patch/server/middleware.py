@@ -24,7 +24,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_safety_patch.server import metrics
 from vllm_safety_patch.server.errors import SafetyAPIError, error_response
 from vllm_safety_patch.server.lora import MAX_BODY_BYTES, labels_from_env, requested_model
-from vllm_safety_patch.server.state import HEADER, SEND_STALL_VAR, SafetyState
+from vllm_safety_patch.server.state import (
+    HEADER,
+    SEND_STALL_VAR,
+    SHUTDOWN_TIMEOUT_VAR,
+    SafetyState,
+)
 
 SAFETY_PREFIX = "/v1/safety/"
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -112,6 +117,22 @@ class Admission:
             await self.safety.gate.leave()
 
 
+def bound_shutdown(app_state: State, safety: SafetyState) -> None:
+    """Give uvicorn a graceful-shutdown timeout (vLLM sets none, so uvicorn would wait for
+    every open connection forever: a client that sent headers and no body kept a server
+    alive for minutes after SIGTERM). vLLM stores its uvicorn server on ``app.state`` before
+    serving; the lifespan start-up that reaches here comes after."""
+    server = getattr(app_state, "server", None)
+    config = getattr(server, "config", None)
+    if config is not None and config.timeout_graceful_shutdown is None:
+        config.timeout_graceful_shutdown = safety.shutdown_timeout_s
+        logger.info(
+            "vsp: after SIGTERM, open connections get at most %g s (%s) once the engine stopped",
+            safety.shutdown_timeout_s,
+            SHUTDOWN_TIMEOUT_VAR,
+        )
+
+
 class SafetyMiddleware:
     def __init__(
         self, app: ASGIApp, app_state: State, route_guard: Callable[[], None] | None = None
@@ -127,6 +148,8 @@ class SafetyMiddleware:
         if self.route_guard is not None:
             self.route_guard()
         safety: SafetyState | None = getattr(self.app_state, "vsp_safety", None)
+        if scope["type"] == "lifespan" and safety is not None:
+            bound_shutdown(self.app_state, safety)
         if scope["type"] != "http" or safety is None:
             await self.app(scope, receive, send)
             return

@@ -20,16 +20,18 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp
 
 from vllm_safety_patch.errors import VSPError
-from vllm_safety_patch.server import language, metrics
+from vllm_safety_patch.server import canary, language, metrics
 from vllm_safety_patch.server.errors import SafetyAPIError, handle_safety_error
 from vllm_safety_patch.server.middleware import SafetyMiddleware
 from vllm_safety_patch.server.routes import RouteGuard, activation_router, listing_router
 from vllm_safety_patch.server.state import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_SEND_STALL_TIMEOUT_S,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
     DELTA_DIR_VAR,
     DRAIN_TIMEOUT_VAR,
     SEND_STALL_VAR,
+    SHUTDOWN_TIMEOUT_VAR,
     ActiveEntry,
     SafetyState,
     header_value,
@@ -119,7 +121,11 @@ async def build_state(engine_client: EngineClient | None, args: Namespace) -> Sa
         engine=engine_client,
         drain_timeout_s=seconds_from_env(DRAIN_TIMEOUT_VAR, DEFAULT_DRAIN_TIMEOUT_S),
         send_stall_timeout_s=seconds_from_env(SEND_STALL_VAR, DEFAULT_SEND_STALL_TIMEOUT_S),
+        shutdown_timeout_s=seconds_from_env(SHUTDOWN_TIMEOUT_VAR, DEFAULT_SHUTDOWN_TIMEOUT_S),
+        canary=canary.settings_from_env(),
     )
+    if engine_client is not None:
+        watch_shutdown(engine_client, safety)
     if safety.send_stall_timeout_s >= safety.drain_timeout_s:
         logger.warning(
             "vsp: %s (%g s) is not below %s (%g s): a client that stops reading can make a "
@@ -136,9 +142,31 @@ async def build_state(engine_client: EngineClient | None, args: Namespace) -> Sa
     return safety
 
 
-def seconds_from_env(name: str, default: float) -> float:
+def watch_shutdown(engine_client: Any, safety: SafetyState) -> None:
+    """Learn that the server is shutting down, as it begins.
+
+    On SIGTERM vLLM's handler stops the engine (``engine_client.shutdown``, in a thread)
+    before it stops the HTTP server; it offers no hook, and replacing its signal handler
+    would break it. So the engine client's ``shutdown`` is wrapped: it first sets
+    ``safety.shutting_down`` on the event loop, and an activation in flight answers 503 at
+    once instead of failing later with the engine's "EngineCore encountered an issue".
+    """
+    loop = asyncio.get_running_loop()
+    original = engine_client.shutdown
+
+    def shutdown(*args: Any, **kwargs: Any) -> Any:
+        try:
+            loop.call_soon_threadsafe(safety.shutting_down.set)
+        except RuntimeError:  # the loop is closed already: nothing is in flight
+            pass
+        return original(*args, **kwargs)
+
+    engine_client.shutdown = shutdown
+
+
+def seconds_from_env(name: str, default: float, environ: Any = None) -> float:
     """A positive number of seconds from the environment, or a start-up error naming it."""
-    text = os.environ.get(name, "").strip()
+    text = (os.environ if environ is None else environ).get(name, "").strip()
     try:
         value = float(text) if text else default
     except ValueError:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+from vllm_safety_patch.languages import LANGUAGE_NAMES
 
 MAX_DELTAS_PER_REQUEST = 64
 
@@ -49,6 +53,11 @@ class SwitchRecord(_Body):
     verify_seconds: float = Field(description="reading and checking the new set (no pause)")
     drain_seconds: float = Field(description="waiting for in-flight requests to finish")
     reload_seconds: float = Field(description="weights reloaded + prefix cache reset (paused)")
+    canary_seconds: float | None = Field(
+        None,
+        description="the canary's probes on the new weights, and the restore after a dry run "
+        "(gate still closed); null when skipped",
+    )
     total_seconds: float
     finished_at: float = Field(description="Unix time")
 
@@ -65,10 +74,87 @@ class DeltaListResponse(_Body):
     last_switch: SwitchRecord | None = None
 
 
+class LanguageThreshold(_Body):
+    """One language's canary thresholds, as shares of its probe prompts."""
+
+    harmful_min: float | None = Field(
+        None, ge=0, le=1, description="least share of harmful probes that must be refused"
+    )
+    benign_max: float | None = Field(
+        None, ge=0, le=1, description="largest share of benign probes that may be refused"
+    )
+
+
+class CanaryOptions(_Body):
+    """Per-request canary settings; each left out takes the server's (``VSP_CANARY_*``)."""
+
+    prompts: int | None = Field(None, ge=1, le=64, description="probes per language and kind")
+    max_tokens: int | None = Field(None, ge=1, le=512, description="tokens per probe reply")
+    thresholds: dict[str, LanguageThreshold] = Field(
+        default_factory=dict,
+        description="by ISO 639-1 code; win over the settings and the manifests",
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _languages(cls, value: dict[str, LanguageThreshold]) -> dict[str, LanguageThreshold]:
+        unknown = [lang for lang in value if lang not in LANGUAGE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown language code {unknown[0][:20]!r}")
+        return value
+
+
+class CanaryLanguage(_Body):
+    """One row of the canary's table."""
+
+    language: str
+    harmful_refused: int
+    harmful_n: int
+    harmful_min: float | None = Field(description="threshold (share); null: no harmful rule")
+    harmful_source: str = Field(description="request | settings | manifest | none")
+    benign_refused: int
+    benign_n: int
+    benign_max: float | None = Field(description="threshold (share)")
+    benign_source: str = Field(description="request | settings | manifest | default")
+    verdict: Literal["pass", "fail", "not probed"]
+    reason: str | None = None
+
+
+class CanaryReport(_Body):
+    """What the canary saw on the live engine, per language."""
+
+    delta_set: str = Field(description="X-Safety-Deltas value of the set probed")
+    passed: bool
+    prompts: int = Field(description="probes per language and kind (fewer if rows did not fit)")
+    max_tokens: int
+    seconds: float
+    languages: list[CanaryLanguage]
+
+
 class ActivateRequest(_Body):
     """``POST /v1/safety/deltas/activate``: names in the delta folder; [] serves base weights."""
 
     deltas: list[str] = Field(max_length=MAX_DELTAS_PER_REQUEST)
+    dry_run: StrictBool = Field(
+        False, description="switch, run the canary, and restore the previous set whatever it says"
+    )
+    canary: StrictBool | CanaryOptions = Field(
+        True, description="false skips the canary (explicitly); an object sets its options"
+    )
+
+
+class CheckRequest(_Body):
+    """``POST /v1/safety/deltas/check``: what activate would do, without switching."""
+
+    deltas: list[str] = Field(max_length=MAX_DELTAS_PER_REQUEST)
+
+
+class CheckResponse(_Body):
+    changed: bool = Field(description="whether activating these would change the served set")
+    active: list[ActiveDelta] = Field(description="the set served now")
+    header: str
+    requested: list[ActiveDelta] = Field(description="the set these names resolve to here")
+    requested_header: str
 
 
 class ActivateResponse(_Body):
@@ -76,6 +162,8 @@ class ActivateResponse(_Body):
     active: list[ActiveDelta]
     header: str
     switch: SwitchRecord | None = None
+    dry_run: bool = False
+    canary: CanaryReport | None = Field(None, description="null when skipped or nothing changed")
 
 
 class ErrorDetail(_Body):
@@ -90,3 +178,4 @@ class ErrorResponse(_Body):
     """Every refusal of the safety routes (OpenAI-style ``error`` object + problem/fix)."""
 
     error: ErrorDetail
+    canary: CanaryReport | None = Field(None, description="the table, when the canary failed")

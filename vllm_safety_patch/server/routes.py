@@ -11,10 +11,12 @@ from fastapi import APIRouter, Depends
 from starlette.routing import BaseRoute, Mount, Router
 
 from vllm_safety_patch.server.auth import require_admin, safety_state
-from vllm_safety_patch.server.hotpatch import activate
+from vllm_safety_patch.server.hotpatch import activate, check
 from vllm_safety_patch.server.protocol import (
     ActivateRequest,
     ActivateResponse,
+    CheckRequest,
+    CheckResponse,
     DeltaListResponse,
     ErrorResponse,
 )
@@ -56,8 +58,18 @@ async def list_deltas(state: Annotated[SafetyState, Depends(safety_state)]) -> D
 async def activate_deltas(
     body: ActivateRequest, state: Annotated[SafetyState, Depends(require_admin)]
 ) -> ActivateResponse:
-    """Serve exactly these delta sets (names in the delta folder; [] = base weights)."""
-    return await activate(state, list(body.deltas))
+    """Serve exactly these delta sets (names in the delta folder; [] = base weights), once
+    the canary passed on the live engine (``canary``, ``dry_run``: see ActivateRequest)."""
+    return await activate(state, body)
+
+
+@activation_router.post("/v1/safety/deltas/check", response_model=CheckResponse, responses=ERRORS)
+async def check_deltas(
+    body: CheckRequest, state: Annotated[SafetyState, Depends(require_admin)]
+) -> CheckResponse:
+    """Read and check these delta sets here and on every worker, without switching: what a
+    fleet rollout asks every replica before it switches any."""
+    return await check(state, list(body.deltas))
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,9 +132,10 @@ ALLOWED_ROUTES: dict[str, frozenset[str]] = {
     "/v1/responses/render": _POST,
     "/v1/chat/completions/derender": _POST,
     "/v1/completions/derender": _POST,
-    # ours (the activation checks the admin token itself)
+    # ours (activation and check check the admin token themselves)
     "/v1/safety/deltas": _GET,
     "/v1/safety/deltas/activate": _POST,
+    "/v1/safety/deltas/check": _POST,
 }
 # Mounted apps: Prometheus' exporter, and the offline docs' static files.
 ALLOWED_MOUNTS = frozenset({"/metrics", "/static"})

@@ -30,6 +30,7 @@ from vllm_safety_patch.delta.verify import (
 from vllm_safety_patch.errors import DeltaFormatError, VSPError
 from vllm_safety_patch.models.checkpoint import Checkpoint
 from vllm_safety_patch.models.fingerprint import short, tensor_digest
+from vllm_safety_patch.server.canary import CanarySettings
 from vllm_safety_patch.server.gate import SwitchGate
 from vllm_safety_patch.server.protocol import ActiveDelta, DeltaInfo, SwitchRecord
 
@@ -49,6 +50,11 @@ DEFAULT_DRAIN_TIMEOUT_S = 60.0
 # drain timeout, so a reader that never reads cannot make a switch fail on its own.
 SEND_STALL_VAR = "VSP_SEND_STALL_TIMEOUT_S"
 DEFAULT_SEND_STALL_TIMEOUT_S = 30.0
+# After SIGTERM (vLLM stops the engine first), open HTTP connections get at most this long to
+# finish before the server cancels them and exits: a client that stays connected cannot keep
+# the process alive. Below Kubernetes' terminationGracePeriodSeconds (60 in the chart).
+SHUTDOWN_TIMEOUT_VAR = "VSP_SHUTDOWN_TIMEOUT_S"
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 # The listing reads headers only; a delta's header is a few kB, a model's tens of kB.
 LISTING_HEADER_CAP = 1 << 20
 MIN_TOKEN_LENGTH = 16
@@ -236,6 +242,11 @@ class SafetyState:
     degraded: str | None = None
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     send_stall_timeout_s: float = DEFAULT_SEND_STALL_TIMEOUT_S
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    canary: CanarySettings = field(default_factory=CanarySettings)
+    # Set when the server begins shutting down (vLLM stops the engine): an activation in
+    # flight answers 503 at once, and new ones are refused.
+    shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     last_switch: SwitchRecord | None = None
     gate: SwitchGate = field(default_factory=SwitchGate)
     switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
