@@ -300,7 +300,9 @@ def test_within_language_scoring_picks_other_neurons(tiny_qwen2: Path) -> None:
     within = tiny_config(neuron_scoring="within-language").model_copy(update={"data": data})
     a = solve(tiny_qwen2, english, ["all"], "tiny")
     b = solve(tiny_qwen2, within, ["all"], "tiny")
-    assert any(not torch.equal(a.neurons[layer], b.neurons[layer]) for layer in a.neurons)
+    assert any(
+        not torch.equal(a.neurons["all"][layer], b.neurons["all"][layer]) for layer in a.neurons["all"]
+    )
     assert b.blobs == solve(tiny_qwen2, within, ["all"], "tiny").blobs  # deterministic
 
 
@@ -315,3 +317,34 @@ def test_everyday_rows_for_a_language_without_them_are_refused() -> None:
 def test_bad_group_name_is_refused_before_solving() -> None:
     with pytest.raises(ValueError, match="group name 'Compare-B'"):
         SolveConfig(groups={"Compare-B": ["sw"]})
+
+
+def test_language_balance_weighs_each_language_by_its_part_of_the_pair_term() -> None:
+    """'language' at weight w on a language holding a quarter of the pairs = 'group' at w/4."""
+    generator = torch.Generator().manual_seed(11)
+    k, d = 8, 6
+    x = torch.randn(k, 40, generator=generator, dtype=torch.float64)
+    t = torch.randn(d, 40, generator=generator, dtype=torch.float64)
+    benign = torch.randn(k, 30, generator=generator, dtype=torch.float64)
+    decision = torch.randn(k, 10, generator=generator, dtype=torch.float64)
+    stats = LayerStatistics(
+        x @ x.T, t @ x.T, benign @ benign.T, pairs=40, benign_tokens=30,
+        decision_grams=(decision @ decision.T / 10,), decision_shares=(0.25,),
+    )  # fmt: skip
+    by_language = solve_layer(stats, rank=3, decision_weight=8.0, decision_balance="language")
+    by_group = solve_layer(stats, rank=3, decision_weight=2.0, decision_balance="group")
+    assert torch.allclose(by_language.dense(), by_group.dense(), atol=1e-10)
+    with pytest.raises(ValueError, match="decision_balance"):
+        solve_layer(stats, rank=3, decision_weight=1.0, decision_balance="languages")
+
+
+def test_each_group_is_solved_on_its_own_edits(tiny_qwen2: Path) -> None:
+    """A group solved beside 'all' is byte for byte the group solved alone: its later layers
+    see its own earlier edits, as serving it does, not those of 'all'."""
+    config = tiny_config(decision_weight=4.0, decision_balance="language")
+    together = solve(tiny_qwen2, config, ["african", "all"], "tiny")
+    alone = solve(tiny_qwen2, config, ["african"], "tiny")
+    assert together.blobs["african"] == alone.blobs["african"]
+    manifest = together.deltas["african"].manifest
+    assert manifest.solver["decision_balance"] == "language"
+    assert all(key.rsplit("/", 1)[-1] in ("en", "sw") for key in manifest.data_digests)

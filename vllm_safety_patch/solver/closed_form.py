@@ -8,9 +8,9 @@ With ``x_i`` the low-resource harmful activations on those neurons and ``t_i`` t
 
 over benign activations ``b_j`` (the utility-preservation penalty), subject to rank(M) <= r.
 Two more terms take the same form: a penalty on benign prompts at the decision positions
-(each language's mean ``||M d_j||^2`` scaled to the pair term and weighted ``lam_d``, so the
-tokens that decide a refusal count however short the prompt and however many languages the
-group has), and, optionally, benign low-resource prompts mapped onto
+(each language's mean ``||M d_j||^2`` scaled to the pair term, or to that language's part of
+it, and weighted ``lam_d``, so the tokens that decide a refusal count however short the prompt
+and however many languages the group has), and, optionally, benign low-resource prompts mapped onto
 their English twins like the harmful pairs (``beta * sum ||M y_j - s_j||^2``): the edit then
 moves the language towards English, and refusal follows harm as it does in English.
 With ``G = XX^T + lam BB^T + mu I = L L^T`` (Cholesky) and ``C = T X^T``, the objective is
@@ -41,6 +41,8 @@ class LayerStatistics:
     benign_tokens: int
     # per language, D_l D_l^T / n_l: benign prompts at the decision positions
     decision_grams: tuple[torch.Tensor, ...] = ()
+    # per decision gram, its language's share of the pair trace (English: the mean share)
+    decision_shares: tuple[float, ...] = ()
     aligned_gram: torch.Tensor | None = None  # Y Y^T, benign low-resource prompts with twins
     aligned_cross: torch.Tensor | None = None  # S Y^T, towards their English twins
     aligned: int = 0
@@ -113,6 +115,7 @@ def solve_layer(
     null_space_energy: float = 0.99,
     decision_weight: float = 0.0,
     benign_alignment: float = 0.0,
+    decision_balance: str = "group",
 ) -> LowRankUpdate:
     """The rank-``rank`` update for one layer under the chosen benign constraint."""
     pair_gram = stats.pair_gram.to(torch.float64)
@@ -125,10 +128,16 @@ def solve_layer(
     pair_trace = float(torch.trace(pair_gram))
     # Every benign term is scaled to the pair trace, so its weight means the same at every layer.
     penalty_gram = (benign_weight * pair_trace / _trace(benign_gram)) * benign_gram
-    for decision in stats.decision_grams if decision_weight else ():
-        # Each language's benign decision rows weigh decision_weight times the pair term.
+    if decision_balance not in ("group", "language"):
+        raise ValueError(f"unknown decision_balance '{decision_balance}': 'group' or 'language'")
+    shares = stats.decision_shares or (1.0,) * len(stats.decision_grams)
+    for decision, share in zip(stats.decision_grams if decision_weight else (), shares):
+        # "group": each language's benign decision rows weigh decision_weight times the whole
+        # pair term; "language": times that language's own part of it, so a language is held
+        # as firmly against its own harmful pairs in a group of one as in a group of nine.
+        weight = decision_weight * (share if decision_balance == "language" else 1.0)
         decision = decision.to(torch.float64)
-        penalty_gram = penalty_gram + (decision_weight * pair_trace / _trace(decision)) * decision
+        penalty_gram = penalty_gram + (weight * pair_trace / _trace(decision)) * decision
     if benign_alignment and stats.aligned:
         aligned_gram = stats.aligned_gram.to(torch.float64) / stats.aligned
         aligned_cross = stats.aligned_cross.to(torch.float64) / stats.aligned

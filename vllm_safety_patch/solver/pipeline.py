@@ -5,8 +5,9 @@ For each edited layer, in order:
 2. run it over the other batches, streaming per-language sufficient statistics of the pairs
    (``X X^T`` and ``T X^T`` on the safety neurons) and the benign Gram matrix;
 3. solve every group's update from its languages' statistics;
-4. add the joint update's effect to every batch's residual stream, so the next layer is
-   solved on activations the earlier edits already moved (``sequential``).
+4. add the update's effect to every batch's residual stream, so the next layer is solved on
+   activations the earlier edits already moved (``sequential``: one pass per group, each
+   moved by its own update, as serving that delta moves them).
 No activation outlives its layer: only sums, Gram matrices and the residual stream are kept.
 """
 
@@ -35,6 +36,9 @@ from vllm_safety_patch.solver.prompts import SolveData, SolvePrompt, gather_solv
 from vllm_safety_patch.solver.settings import SolveConfig, SolverSettings
 
 JOINT_GROUP = "all"
+SOLVE_METHOD = (
+    "sequential closed-form reduced-rank ridge on down_proj columns, each group on its own edits"
+)
 Progress = Callable[[str, int, int], None]
 
 
@@ -53,7 +57,7 @@ class SolveTimings:
 class SolveResult:
     deltas: dict[str, Delta]
     blobs: dict[str, bytes]
-    neurons: dict[int, torch.Tensor]
+    neurons: dict[str, dict[int, torch.Tensor]]  # group -> layer -> safety neurons
     timings: SolveTimings
     singular_values: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
@@ -179,7 +183,16 @@ class _LayerCollector:
         """The group's statistics. English and each of ``languages`` get their own term in the
         decision-position penalty; a language's benign prompts with twins are mapped instead
         of held when ``aligning``."""
-        decision = []
+        pair = _Regression.merge([self.pair[lang] for lang in languages])
+        # Each language's part of the pair term (English, paired with none, gets the mean).
+        total = max(float(torch.trace(pair.gram)), 1e-12) if pair.gram is not None else 1.0
+        shares = {
+            lang: float(torch.trace(self.pair[lang].gram)) / total
+            for lang in languages
+            if self.pair[lang].gram is not None
+        }
+        shares["en"] = 1.0 / max(len(languages), 1)
+        decision, decision_shares = [], []
         for lang in ["en", *languages]:
             grams = [self.decision.get(lang)]
             if lang == "en" or not aligning:
@@ -187,7 +200,7 @@ class _LayerCollector:
             merged = _Gram.merge([gram for gram in grams if gram is not None])
             if merged is not None:
                 decision.append(merged.mean())
-        pair = _Regression.merge([self.pair[lang] for lang in languages])
+                decision_shares.append(shares.get(lang, 0.0))
         aligned = _Regression.merge([self.aligned[lang] for lang in languages])
         return LayerStatistics(
             pair_gram=pair.gram,
@@ -196,6 +209,7 @@ class _LayerCollector:
             pairs=pair.count,
             benign_tokens=self.benign_tokens,
             decision_grams=tuple(decision),
+            decision_shares=tuple(decision_shares),
             aligned_gram=aligned.gram,
             aligned_cross=aligned.cross,
             aligned=aligned.count,
@@ -269,6 +283,7 @@ def _solve(stats: LayerStatistics, settings: SolverSettings) -> LowRankUpdate:
         ridge=settings.ridge,
         null_space_energy=settings.null_space_energy,
         decision_weight=settings.decision_weight,
+        decision_balance=settings.decision_balance,
         benign_alignment=settings.benign_alignment,
     )
 
@@ -279,9 +294,14 @@ def solve(
     groups: list[str],
     model_id: str,
     progress: Progress = _no_progress,
-    data: SolveData | None = None,
 ) -> SolveResult:
-    """Solve one delta per group in ``groups`` (names from ``config.groups``)."""
+    """Solve one delta per group in ``groups`` (names from ``config.groups``).
+
+    With ``sequential`` each group gets its own pass: its later layers are solved on
+    activations moved by its own earlier edits, which is what serving that delta applies
+    (a pass shared with 'all' would solve a group's layer 11 as if 'all' had edited layer 8,
+    and the group's own layers would then overshoot). Without it one pass serves every group.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
@@ -292,13 +312,6 @@ def solve(
             f"use groups defined in the config: {', '.join(sorted(config.groups))}",
         )
     settings = config.solver
-    languages = sorted({lang for name in groups for lang in config.groups[name]})
-    # The joint update propagates between layers; it is 'all' if asked for, else the union.
-    joint_languages = (
-        config.groups.get(JOINT_GROUP, languages) if JOINT_GROUP in groups else languages
-    )
-    data = data or gather_solve_data(languages, config.data)
-
     checkpoint = Checkpoint(model_dir)
     dtype = getattr(torch, settings.dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -310,6 +323,72 @@ def solve(
             f"layers {bad_layers} do not exist (the model has {num_layers})",
             f"choose layers in 0..{num_layers - 1} in the solver config",
         )
+
+    passes = [[name] for name in groups] if settings.sequential else [list(groups)]
+    steps = max(settings.layers) + 1
+    timings = SolveTimings()
+    edits: dict[str, list[TensorEdit]] = {}
+    neurons: dict[str, dict[int, torch.Tensor]] = {}
+    spectra: dict[str, dict[int, list[float]]] = {}
+    digests: dict[str, str] = {}
+    for number, pass_groups in enumerate(passes):
+
+        def report(stage: str, done: int, total: int, offset: int = number * steps) -> None:
+            progress(stage, offset + done, len(passes) * steps)
+
+        languages = sorted({lang for name in pass_groups for lang in config.groups[name]})
+        data = gather_solve_data(languages, config.data)
+        digests.update(data.digests)
+        found = _solve_pass(model, tokenizer, config, pass_groups, data, timings, report)
+        for name in pass_groups:
+            edits[name], neurons[name], spectra[name] = found[name]
+
+    names = [f"model.layers.{layer}.mlp.down_proj.weight" for layer in settings.layers]
+    base_tensors = checkpoint.get_many(names)
+    deltas, blobs = {}, {}
+    for group in groups:
+        delta, blob = build_delta(
+            group=group,
+            languages=config.groups[group],
+            model_id=model_id,
+            config=checkpoint.config,
+            base_tensors=base_tensors,
+            edits=edits[group],
+            solver={
+                "method": SOLVE_METHOD,
+                **settings.model_dump(mode="json"),
+                "data": config.data.model_dump(mode="json"),
+            },
+            data_digests={key: digests[key] for key in _group_digests(digests, config, group)},
+        )
+        deltas[group], blobs[group] = delta, blob
+    timings.total_seconds = time.perf_counter() - started
+    return SolveResult(deltas, blobs, neurons, timings, spectra)
+
+
+def _group_digests(digests: dict[str, str], config: SolveConfig, group: str) -> list[str]:
+    """The data files one group's solve read: English ones and its languages' ones."""
+    languages = {"en", *config.groups[group]}
+    return sorted(key for key in digests if key.rsplit("/", 1)[-1] in languages)
+
+
+def _solve_pass(
+    model,
+    tokenizer,
+    config: SolveConfig,
+    groups: list[str],
+    data: SolveData,
+    timings: SolveTimings,
+    progress: Progress,
+) -> dict[str, tuple[list[TensorEdit], dict[int, torch.Tensor], dict[int, list[float]]]]:
+    """One layer-by-layer pass over ``data``, solving ``groups`` at every edited layer."""
+    settings = config.solver
+    languages = sorted({lang for name in groups for lang in config.groups[name]})
+    # The update that moves the residual stream between layers: the group's own when the pass
+    # has one group; 'all' (else the union) when groups share a pass (sequential = false).
+    joint_languages = (
+        config.groups.get(JOINT_GROUP, languages) if JOINT_GROUP in groups else languages
+    )
     english_batches = tokenize_chats(
         tokenizer, [p.text for p in data.english], settings.batch_size, settings.max_prompt_tokens
     )
@@ -318,7 +397,6 @@ def solve(
     )
     english_run = LayerwiseForward(model, english_batches)
     other_run = LayerwiseForward(model, other_batches)
-    timings = SolveTimings()
     tick = time.perf_counter()
     english_run.start()
     other_run.start()
@@ -355,8 +433,7 @@ def solve(
         chosen[layer] = neurons
         updates = {}
         for group in groups:
-            group_languages = config.groups[group]
-            stats = collector.statistics(group_languages, aligning)
+            stats = collector.statistics(config.groups[group], aligning)
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
             update = _solve(stats, settings)
@@ -373,7 +450,7 @@ def solve(
                 )
             )
         if settings.sequential:
-            joint = updates.get(JOINT_GROUP)
+            joint = updates.get(JOINT_GROUP) if len(groups) > 1 else updates[groups[0]]
             if joint is None:
                 joint = _solve(collector.statistics(joint_languages, aligning), settings)
             update_t = joint.dense().float().T  # [k, d]
@@ -385,25 +462,4 @@ def solve(
                 batch.hidden = batch.hidden + (stash @ update_t).to(batch.hidden.dtype)
         timings.solve_seconds += time.perf_counter() - tick
     progress("layers", last_layer + 1, last_layer + 1)
-
-    names = [f"model.layers.{layer}.mlp.down_proj.weight" for layer in settings.layers]
-    base_tensors = checkpoint.get_many(names)
-    deltas, blobs = {}, {}
-    for group in groups:
-        delta, blob = build_delta(
-            group=group,
-            languages=config.groups[group],
-            model_id=model_id,
-            config=checkpoint.config,
-            base_tensors=base_tensors,
-            edits=edits[group],
-            solver={
-                "method": "sequential closed-form reduced-rank ridge on down_proj columns",
-                **settings.model_dump(mode="json"),
-                "data": config.data.model_dump(mode="json"),
-            },
-            data_digests=data.digests,
-        )
-        deltas[group], blobs[group] = delta, blob
-    timings.total_seconds = time.perf_counter() - started
-    return SolveResult(deltas, blobs, chosen, timings, spectra)
+    return {group: (edits[group], dict(chosen), spectra[group]) for group in groups}

@@ -41,6 +41,12 @@ class SolverSettings(BaseModel):
         "tokens the pairs are matched at): English and each language of the group get a term "
         "of this weight relative to the pair term; 0 leaves only the all-token penalty",
     )
+    decision_balance: Literal["group", "language"] = Field(
+        default="group",
+        description="what decision_weight is relative to: the group's whole pair term "
+        "('group'), or each language's own part of it ('language': a language is held as "
+        "firmly in a group of one as in 'all'; English gets the mean part)",
+    )
     benign_alignment: float = Field(
         default=0.0,
         ge=0,
@@ -59,8 +65,8 @@ class SolverSettings(BaseModel):
     positions: int = Field(default=1, gt=0, description="trailing prompt tokens paired")
     sequential: bool = Field(
         default=True,
-        description="solve layers in order, each on activations edited by the joint "
-        "('all') update of the layers before it",
+        description="solve layers in order, each on activations edited by the layers "
+        "before it (one pass per group, moved by that group's own update)",
     )
     batch_size: int = Field(default=16, gt=0)
     max_prompt_tokens: int = Field(default=256, gt=8)
