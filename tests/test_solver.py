@@ -300,9 +300,8 @@ def test_within_language_scoring_picks_other_neurons(tiny_qwen2: Path) -> None:
     within = tiny_config(neuron_scoring="within-language").model_copy(update={"data": data})
     a = solve(tiny_qwen2, english, ["all"], "tiny")
     b = solve(tiny_qwen2, within, ["all"], "tiny")
-    assert any(
-        not torch.equal(a.neurons["all"][layer], b.neurons["all"][layer]) for layer in a.neurons["all"]
-    )
+    a, b_neurons = a.neurons["all"], b.neurons["all"]
+    assert any(not torch.equal(a[layer], b_neurons[layer]) for layer in a)
     assert b.blobs == solve(tiny_qwen2, within, ["all"], "tiny").blobs  # deterministic
 
 

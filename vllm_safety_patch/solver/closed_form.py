@@ -130,8 +130,9 @@ def solve_layer(
     penalty_gram = (benign_weight * pair_trace / _trace(benign_gram)) * benign_gram
     if decision_balance not in ("group", "language"):
         raise ValueError(f"unknown decision_balance '{decision_balance}': 'group' or 'language'")
+    grams = stats.decision_grams if decision_weight else ()
     shares = stats.decision_shares or (1.0,) * len(stats.decision_grams)
-    for decision, share in zip(stats.decision_grams if decision_weight else (), shares):
+    for decision, share in zip(grams, shares[: len(grams)], strict=True):
         # "group": each language's benign decision rows weigh decision_weight times the whole
         # pair term; "language": times that language's own part of it, so a language is held
         # as firmly against its own harmful pairs in a group of one as in a group of nine.
