@@ -427,7 +427,7 @@ def server(prepared: dict) -> Iterator[dict]:
     command = vsp_command(
         "serve", "--delta-dir", str(prepared["deltas"]), "--deltas", "th",
         "--admin-token-file", str(token_file), "--port", str(port),
-        "--", "--max-model-len", "512", "--seed", "0",
+        "--", "--max-model-len", "512", "--seed", "0", "--api-key", API_KEY,
     )  # fmt: skip
     env = engine_env(sorted(os.sched_getaffinity(0))[-1])
     env["VSP_HOME"] = str(prepared["home"])  # the prepared model is the default model
@@ -442,15 +442,21 @@ def server(prepared: dict) -> Iterator[dict]:
         stop_process_group(process)
 
 
+KEYED = {"Authorization": f"Bearer {API_KEY}"}  # the server runs with vLLM's --api-key
+
+
 def test_served_name_reaches_clients_metrics_and_the_log(server: dict) -> None:
     url, path = server["url"], str(server["model"])
-    status, models, _ = request("GET", url + "/v1/models")
+    status, models, _ = request("GET", url + "/v1/models", headers=KEYED)
     assert status == 200 and [m["id"] for m in models["data"]] == [DEFAULT_MODEL_NAME]
+    # the card's root names the model, not where the server keeps it
+    assert [m["root"] for m in models["data"]] == [DEFAULT_MODEL_NAME]
+    assert path not in json.dumps(models)
     body = {"model": DEFAULT_MODEL_NAME, "prompt": "hello", "max_tokens": 4, "temperature": 0}
-    status, answer, headers = request("POST", url + "/v1/completions", body)
+    status, answer, headers = request("POST", url + "/v1/completions", body, KEYED)
     assert status == 200, answer
     assert headers["x-safety-deltas"].startswith("th@")
-    status, listing, _ = request("GET", url + "/v1/safety/deltas")
+    status, listing, _ = request("GET", url + "/v1/safety/deltas", headers=KEYED)
     assert status == 200 and listing["model"] == DEFAULT_MODEL_NAME
     metrics = request_text(url + "/metrics")
     assert f'model_name="{DEFAULT_MODEL_NAME}"' in metrics and path not in metrics
@@ -461,7 +467,11 @@ def test_served_name_reaches_clients_metrics_and_the_log(server: dict) -> None:
 
 @pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
 def test_deltas_list_takes_the_url_with_or_without_v1(server: dict, suffix: str) -> None:
-    result = runner.invoke(app, ["deltas", "list", "--url", server["url"] + suffix, "--json"])
+    result = runner.invoke(
+        app,
+        ["deltas", "list", "--url", server["url"] + suffix, "--json"],
+        env=runner_env(VLLM_API_KEY=API_KEY),
+    )
     assert result.exit_code == 0, result.output
     listing = json.loads(result.stdout)
     assert listing["model"] == DEFAULT_MODEL_NAME
@@ -471,9 +481,23 @@ def test_deltas_list_takes_the_url_with_or_without_v1(server: dict, suffix: str)
 def test_deltas_activate_takes_the_v1_url(server: dict) -> None:
     url = server["url"] + "/v1"
     token = ["--token-file", str(server["token_file"])]
-    result = runner.invoke(app, ["deltas", "activate", "none", "--url", url, *token])
+    keyed = runner_env(VLLM_API_KEY=API_KEY)  # the key in Authorization, the token beside it
+    result = runner.invoke(app, ["deltas", "activate", "none", "--url", url, *token], env=keyed)
     assert result.exit_code == 0, result.output
     assert "active: none" in result.stdout
-    result = runner.invoke(app, ["deltas", "activate", "th", "--url", url, *token])
+    result = runner.invoke(app, ["deltas", "activate", "th", "--url", url, *token], env=keyed)
     assert result.exit_code == 0, result.output
     assert "active: th@" in result.stdout
+
+
+@pytest.mark.parametrize("key", [None, "not-the-key-0123456789"])
+def test_deltas_commands_name_the_missing_api_key(server: dict, key: str | None) -> None:
+    """vLLM's --api-key answers 401 before our routes: the error names VLLM_API_KEY."""
+    env = runner_env() if key is None else runner_env(VLLM_API_KEY=key)
+    result = runner.invoke(app, ["deltas", "list", "--url", server["url"]], env=env)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: HTTP 401"), result.stderr
+    assert "Fix: export VLLM_API_KEY=" in lines[0]
+    assert ("is not set" if key is None else "is not the server's --api-key") in lines[0]
+    assert API_KEY not in result.output

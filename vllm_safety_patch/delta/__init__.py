@@ -14,30 +14,46 @@ Never a dense full-size delta; no pickle anywhere. The manifest's ``tensors_sha2
 digest of these tensors (``digest.py``): recorded by every write, checked by every read.
 """
 
-from vllm_safety_patch.delta.io import Delta, TensorEdit, read_delta, write_delta
-from vllm_safety_patch.delta.manifest import (
-    BaseModelRef,
-    DeltaManifest,
-    EditedTensor,
-    EffectRow,
-)
-from vllm_safety_patch.delta.merge import edit_weight, merge_deltas
-from vllm_safety_patch.delta.verify import (
-    verify_against_checkpoint,
-    verify_against_tensors,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BaseModelRef",
-    "Delta",
-    "DeltaManifest",
-    "EditedTensor",
-    "EffectRow",
-    "TensorEdit",
-    "edit_weight",
-    "merge_deltas",
-    "read_delta",
-    "verify_against_checkpoint",
-    "verify_against_tensors",
-    "write_delta",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_safety_patch.delta.io import Delta, TensorEdit, read_delta, write_delta
+    from vllm_safety_patch.delta.manifest import (
+        BaseModelRef,
+        DeltaManifest,
+        EditedTensor,
+        EffectRow,
+    )
+    from vllm_safety_patch.delta.merge import edit_weight, merge_deltas
+    from vllm_safety_patch.delta.verify import verify_against_checkpoint, verify_against_tensors
+
+# Exports load on first use (PEP 562): commands that read only a header (`vsp inspect`,
+# `vsp verify --no-model`) import this package without paying for torch.
+_EXPORTS = {
+    "BaseModelRef": "manifest",
+    "DeltaManifest": "manifest",
+    "EditedTensor": "manifest",
+    "EffectRow": "manifest",
+    "Delta": "io",
+    "TensorEdit": "io",
+    "read_delta": "io",
+    "write_delta": "io",
+    "edit_weight": "merge",
+    "merge_deltas": "merge",
+    "verify_against_checkpoint": "verify",
+    "verify_against_tensors": "verify",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -26,6 +26,11 @@ DTYPE_SIZES: dict[str, int] = {
 }  # fmt: skip
 
 REGENERATE = "the file is damaged: copy it again or regenerate it with 'vsp solve'"
+# Bytes that are no safetensors file at all may be another kind of file, not a damaged delta.
+NOT_SAFETENSORS = (
+    "pass a delta .safetensors file written by 'vsp solve'; if this was one, it is damaged or "
+    "truncated: copy it again or regenerate it"
+)
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class SafetensorsHeader:
 
 
 def _fail(source: str, problem: str) -> DeltaFormatError:
-    return DeltaFormatError(f"{source}: {problem}", REGENERATE)
+    fix = NOT_SAFETENSORS if problem.startswith("not a safetensors file") else REGENERATE
+    return DeltaFormatError(f"{source}: {problem}", fix)
 
 
 class DuplicateKeyError(ValueError):

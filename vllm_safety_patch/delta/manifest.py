@@ -195,10 +195,12 @@ class DeltaManifest(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
-            issues = "; ".join(
-                f"{'.'.join(str(part) for part in issue['loc']) or 'manifest'}: {issue['msg']}"
-                for issue in error.errors()
-            )
+            # One mistake repeated in every tensor entry reads once, with all its places.
+            places: dict[str, list[str]] = {}
+            for issue in error.errors():
+                where = ".".join(str(part) for part in issue["loc"]) or "manifest"
+                places.setdefault(issue["msg"], []).append(where)
+            issues = "; ".join(f"{', '.join(where)}: {msg}" for msg, where in places.items())
             raise DeltaFormatError(
                 f"{source}: the manifest is malformed ({issues})",
                 "regenerate the delta with 'vsp solve' (format version "

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FINGERPRINT_VERSION = "vsp-fingerprint-v1"
 
@@ -45,6 +46,8 @@ def architecture_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's stored bytes, its dtype and its shape."""
+    import torch  # here, so header-only commands that import this module skip torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     raw = flat.view(torch.uint8).numpy() if flat.numel() else b""
     header = f"{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode()

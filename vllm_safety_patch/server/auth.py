@@ -14,9 +14,8 @@ import hmac
 from fastapi import Request
 
 from vllm_safety_patch.server.errors import SafetyAPIError
+from vllm_safety_patch.server.protocol import ADMIN_HEADER
 from vllm_safety_patch.server.state import TOKEN_FIX, SafetyState
-
-ADMIN_HEADER = "X-VSP-Admin-Token"
 
 
 def safety_state(request: Request) -> SafetyState:

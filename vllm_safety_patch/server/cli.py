@@ -24,6 +24,7 @@ from rich.text import Text
 from typer.core import TyperCommand
 
 from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.server.protocol import ADMIN_HEADER
 
 if TYPE_CHECKING:
     from vllm_safety_patch.serve import Launch
@@ -42,8 +43,13 @@ UrlOption = Annotated[
 ]
 TokenFileOption = Annotated[
     Path | None,
-    typer.Option("--token-file", help="admin token file (else env VSP_ADMIN_TOKEN)"),
+    typer.Option(
+        "--token-file",
+        help="admin token file (else env VSP_ADMIN_TOKEN); for a server started with "
+        "--api-key, also set env VLLM_API_KEY",
+    ),
 ]
+API_KEY_VAR = "VLLM_API_KEY"
 
 
 def die(error: VSPError) -> NoReturn:
@@ -405,7 +411,14 @@ def call(
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    if token:
+    # A server started with vLLM's --api-key checks Authorization on every /v1 path: the key
+    # (env VLLM_API_KEY, as vLLM reads it) goes there and the admin token in its own header.
+    api_key = os.environ.get(API_KEY_VAR, "").strip()
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+        if token:
+            headers[ADMIN_HEADER] = token
+    elif token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
@@ -428,6 +441,12 @@ def refused(status: int, payload: dict, code: int = 2) -> NoReturn:
     error = payload.get("error")
     message = error.get("message") if isinstance(error, dict) else None
     message = message or json.dumps(payload)[:500]
+    if status == 401 and not isinstance(error, dict):  # vLLM's --api-key check, not ours
+        have = "is not the server's --api-key" if os.environ.get(API_KEY_VAR) else "is not set"
+        message = (
+            f"{message} (the server was started with --api-key; {API_KEY_VAR} {have}). "
+            f"Fix: export {API_KEY_VAR}=<the server's API key>"
+        )
     error_console.print(
         Text("error: ", style="bold red") + Text(f"HTTP {status}: {message}"), soft_wrap=True
     )

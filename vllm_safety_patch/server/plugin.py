@@ -82,6 +82,7 @@ class SafetyEndpointPlugin:
     ) -> None:
         safety = await build_state(engine_client, args)
         state.vsp_safety = safety
+        hide_model_paths(state)
         metrics.publish_active(safety.header())
         await asyncio.to_thread(language.warm_up)  # the language model loads in ~0.6 s
         logger.info(
@@ -93,6 +94,15 @@ class SafetyEndpointPlugin:
             if safety.hot_patch_problem
             else "",
         )
+
+
+def hide_model_paths(state: State) -> None:
+    """``GET /v1/models`` gives each model a ``root``, where vLLM puts the checkpoint's path:
+    it would tell every client where the server keeps its files. Show the served name there
+    (the path is only used for that field)."""
+    serving = getattr(state, "openai_serving_models", None)
+    for base in getattr(serving, "base_model_paths", None) or []:
+        base.model_path = base.name
 
 
 def plugin_factory() -> SafetyEndpointPlugin:
