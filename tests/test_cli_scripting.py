@@ -618,3 +618,10 @@ def test_tools_script_without_apt_get_says_so(tmp_path: Path) -> None:
     )
     assert done.returncode == 0
     assert "no apt-get here" in done.stderr and "prometheus" in done.stderr
+
+
+def test_the_delta_package_exports_what_it_names() -> None:
+    import vllm_safety_patch.delta as delta
+
+    assert sorted(delta.__all__) == sorted(delta._EXPORTS)
+    assert all(getattr(delta, name) is not None for name in delta.__all__)

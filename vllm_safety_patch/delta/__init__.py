@@ -47,7 +47,20 @@ _EXPORTS = {
     "verify_against_tensors": "verify",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BaseModelRef",
+    "Delta",
+    "DeltaManifest",
+    "EditedTensor",
+    "EffectRow",
+    "TensorEdit",
+    "edit_weight",
+    "merge_deltas",
+    "read_delta",
+    "verify_against_checkpoint",
+    "verify_against_tensors",
+    "write_delta",
+]
 
 
 def __getattr__(name: str) -> Any:
