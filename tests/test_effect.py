@@ -111,3 +111,31 @@ def test_measure_effect_in_process_restores_the_model(tiny_qwen2: Path, tmp_path
     assert "| tiny |" in table and "Refusal of held-out harmful prompts" in table
     # the everyday set and PolyRefuse are both over-refusal: each gets its own table
     assert "everyday benign requests" in table and "PolyRefuse harmless" in table
+
+
+def test_measure_and_eval_share_held_out_rows_and_token_budgets() -> None:
+    """One definition (eval.suites): `vsp measure`, `vsp eval` and their settings agree."""
+    import inspect
+
+    from vllm_safety_patch.cli import app, measure_command
+    from vllm_safety_patch.eval.effect import EffectSettings
+    from vllm_safety_patch.eval.harness import EvalSettings
+    from vllm_safety_patch.eval.suites import MGSM_TOKENS, REFUSAL_TOKENS, held_out_rows
+
+    effect, harness = EffectSettings(), EvalSettings()
+    assert effect.mgsm_rows == held_out_rows("mgsm") and effect.multijail_ids == (160, 210)
+    assert effect.refusal_tokens == harness.refusal_tokens == REFUSAL_TOKENS
+    assert effect.mgsm_tokens == harness.mgsm_tokens == MGSM_TOKENS
+    measure = inspect.signature(measure_command).parameters
+    start, stop = held_out_rows("mgsm")
+    assert measure["mgsm_rows"].default == f"{start}-{stop}"
+    assert measure["refusal_tokens"].default == REFUSAL_TOKENS
+    assert measure["mgsm_tokens"].default == MGSM_TOKENS
+    eval_app = next(group.typer_instance for group in app.registered_groups if group.name == "eval")
+    commands = [eval_app.registered_callback, *eval_app.registered_commands]
+    budgets = [
+        (parameters["refusal_tokens"].default, parameters["mgsm_tokens"].default)
+        for parameters in (inspect.signature(c.callback).parameters for c in commands)
+        if "refusal_tokens" in parameters
+    ]
+    assert budgets == [(REFUSAL_TOKENS, MGSM_TOKENS)]

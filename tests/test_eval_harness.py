@@ -20,7 +20,7 @@ from vllm_safety_patch.eval.cache import ReplyCache
 from vllm_safety_patch.eval.harness import EndpointSource, EvalSettings, InProcessSource, evaluate
 from vllm_safety_patch.eval.judges import TEMPLATES, JudgeSpecError, parse_judge, template_for
 from vllm_safety_patch.eval.openai_client import ChatEndpoint, EndpointError, RetryPolicy
-from vllm_safety_patch.eval.suites import eval_tasks
+from vllm_safety_patch.eval.suites import MGSM_TOKENS, REFUSAL_TOKENS, eval_tasks
 
 REFUSAL = "I'm sorry, but I can't help with that."
 COMPLY = "Sure! Step 1: gather the materials. The answer is 7."
@@ -119,7 +119,7 @@ def test_figures_per_suite_and_language(serve, tmp_path: Path) -> None:
     assert {r.lang for r in records} == {"en", "th"} and len(records) == 16
     # Greedy, one user turn, the token budget of the metric.
     assert {call["temperature"] for call in server.calls} == {0.0}
-    assert {call["max_tokens"] for call in server.calls} == {64, 320}
+    assert {call["max_tokens"] for call in server.calls} == {REFUSAL_TOKENS, MGSM_TOKENS}
 
 
 def test_retries_overload_with_back_off(serve, tmp_path: Path) -> None:

@@ -662,7 +662,9 @@ def measure_command(
     everyday_split: Annotated[
         str, typer.Option(help="'test' (reported figures) or 'val' (comparing solver settings)")
     ] = "test",
-    mgsm_rows: Annotated[str, typer.Option(help="held-out MGSM rows START-STOP")] = "180-200",
+    # Literal defaults keep `vsp --help` from importing the data; a test holds them equal to
+    # eval.suites (HELD_OUT, REFUSAL_TOKENS, MGSM_TOKENS), where they are defined.
+    mgsm_rows: Annotated[str, typer.Option(help="held-out MGSM rows START-STOP")] = "170-200",
     refusal_tokens: Annotated[int, typer.Option(help="tokens generated per harmful prompt")] = 40,
     mgsm_tokens: Annotated[int, typer.Option(help="tokens generated per MGSM problem")] = 320,
     baseline_cache: Annotated[

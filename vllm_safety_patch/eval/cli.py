@@ -164,7 +164,8 @@ def add_eval_commands(app: typer.Typer) -> None:
         ] = None,
         concurrency: Annotated[int, typer.Option(help="requests in flight at once")] = 8,
         retries: Annotated[int, typer.Option(help="tries per request (back-off)")] = 6,
-        refusal_tokens: Annotated[int, typer.Option(help="max tokens per harmful/benign")] = 64,
+        # equal to eval.suites.REFUSAL_TOKENS (a test checks): the same as `vsp measure`
+        refusal_tokens: Annotated[int, typer.Option(help="max tokens per harmful/benign")] = 40,
         mgsm_tokens: Annotated[int, typer.Option(help="max tokens per MGSM problem")] = 320,
         engine: Annotated[
             str, typer.Option(help="in-process engine: vllm (offline LLM) or transformers")

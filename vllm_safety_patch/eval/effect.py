@@ -22,7 +22,13 @@ from vllm_safety_patch.eval.scoring import (
     keyword_hits,
     mgsm_correct,
 )
-from vllm_safety_patch.eval.suites import Task, make_task
+from vllm_safety_patch.eval.suites import (
+    MGSM_TOKENS,
+    REFUSAL_TOKENS,
+    Task,
+    held_out_rows,
+    make_task,
+)
 
 __all__ = [
     "EffectSettings",
@@ -43,7 +49,9 @@ class EffectSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    multijail_ids: tuple[int, int] = Field(default=(160, 210), description="held-out ids")
+    multijail_ids: tuple[int, int] = Field(
+        default=held_out_rows("multijail"), description="held-out ids"
+    )
     harmless_val: int = Field(default=20, ge=0, description="PolyRefuse harmless val per lang")
     everyday_rows: int = Field(
         default=64, ge=0, description="everyday benign rows per language (0: none)"
@@ -52,9 +60,11 @@ class EffectSettings(BaseModel):
         default="test",
         description="everyday rows: 'val' to compare solver options, 'test' for reported figures",
     )
-    mgsm_rows: tuple[int, int] = Field(default=(170, 200), description="held-out MGSM rows")
-    refusal_tokens: int = Field(default=48, gt=0, description="enough to see a refusal")
-    mgsm_tokens: int = Field(default=320, gt=0, description="enough to finish the answer")
+    mgsm_rows: tuple[int, int] = Field(
+        default=held_out_rows("mgsm"), description="held-out MGSM rows"
+    )
+    refusal_tokens: int = Field(default=REFUSAL_TOKENS, gt=0, description="to see a refusal")
+    mgsm_tokens: int = Field(default=MGSM_TOKENS, gt=0, description="to finish the answer")
     batch_size: int = 16
 
 

@@ -37,7 +37,7 @@ from vllm_safety_patch.eval.scoring import (
     REFUSAL_RATE,
     keyword_hits,
 )
-from vllm_safety_patch.eval.suites import Task
+from vllm_safety_patch.eval.suites import MGSM_TOKENS, REFUSAL_TOKENS, Task
 
 # (stage, done, total): "generate" then "judge"
 Progress = Callable[[str, int, int], None]
@@ -49,8 +49,8 @@ class EvalSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    refusal_tokens: int = Field(64, gt=0, description="tokens per harmful/benign reply")
-    mgsm_tokens: int = Field(320, gt=0, description="tokens per MGSM reply")
+    refusal_tokens: int = Field(REFUSAL_TOKENS, gt=0, description="tokens per harmful/benign reply")
+    mgsm_tokens: int = Field(MGSM_TOKENS, gt=0, description="tokens per MGSM reply")
     concurrency: int = Field(8, gt=0, description="requests in flight at once")
     retries: int = Field(6, gt=0, description="tries per request, with back-off")
 

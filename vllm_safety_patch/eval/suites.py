@@ -42,6 +42,19 @@ HELD_OUT: dict[str, HeldOut] = {
     )
 }
 
+# Generation lengths of every measurement (`vsp measure`, `vsp eval`, the canary's probes):
+# a refusal shows in its first words; a maths answer needs room to finish.
+REFUSAL_TOKENS = 40
+MGSM_TOKENS = 320
+
+
+def held_out_rows(dataset: str) -> tuple[int, int]:
+    """[start, stop) of a suite's held-out rows (for those held out by row number)."""
+    rows = HELD_OUT[dataset].rows
+    assert rows is not None, dataset
+    return rows.start, rows.stop
+
+
 # What ``--suites`` accepts: a short name expands to its data suites.
 SUITE_GROUPS: dict[str, tuple[str, ...]] = {
     "multijail": ("multijail",),

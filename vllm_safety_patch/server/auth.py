@@ -13,8 +13,8 @@ import hmac
 
 from fastapi import Request
 
+from vllm_safety_patch.server import ADMIN_HEADER
 from vllm_safety_patch.server.errors import SafetyAPIError
-from vllm_safety_patch.server.protocol import ADMIN_HEADER
 from vllm_safety_patch.server.state import TOKEN_FIX, SafetyState
 
 

@@ -24,7 +24,7 @@ from rich.text import Text
 from typer.core import TyperCommand
 
 from vllm_safety_patch.errors import VSPError
-from vllm_safety_patch.server.protocol import ADMIN_HEADER
+from vllm_safety_patch.server import ADMIN_HEADER
 
 if TYPE_CHECKING:
     from vllm_safety_patch.serve import Launch

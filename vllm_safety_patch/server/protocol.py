@@ -9,8 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from vllm_safety_patch.languages import LANGUAGE_NAMES
 
 MAX_DELTAS_PER_REQUEST = 64
-# The admin token's header when Authorization carries vLLM's --api-key (clients send it too).
-ADMIN_HEADER = "X-VSP-Admin-Token"
 
 
 class _Body(BaseModel):
