@@ -248,6 +248,33 @@ def inspect(
                 )
             )
         console.print(effect)
+    _print_review(manifest, plain)
+
+
+def _print_review(manifest, plain: dict) -> None:
+    """Both sides per language (harmful and everyday-benign refusal) and the flags."""
+    from vllm_safety_patch.delta.effect_review import percent, review_effect
+
+    review = review_effect(manifest)
+    if review.languages:
+        table = Table(
+            "lang", "harmful refused", "everyday benign refused", "n benign",
+            title="both sides (held out; before -> after)",
+        )  # fmt: skip
+        for row in review.languages:
+            table.add_row(
+                *_cells(
+                    row.lang,
+                    f"{percent(row.harmful_before)} -> {percent(row.harmful_after)}",
+                    f"{percent(row.benign_before)} -> {percent(row.benign_after)}",
+                    row.benign_n or "-",
+                )
+            )
+        console.print(table)
+    for flag in review.flags:
+        console.print(f"flag: {flag}", **plain)
+    if review.languages and review.ok:
+        console.print("both sides measured in every language; no benign flag", **plain)
 
 
 def _cells(*values: object) -> list[Text]:

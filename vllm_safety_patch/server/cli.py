@@ -162,6 +162,8 @@ def add_serving_commands(app: typer.Typer) -> None:
         for note in launch.notes:
             error_console.print(f"note: {note}", soft_wrap=True, **PLAIN)
         error_console.print(startup_line(launch), soft_wrap=True, **PLAIN)
+        for line in effect_lines(launch.deltas):
+            error_console.print(line, soft_wrap=True, **PLAIN)
         if dry_run:
             argv = redact_argv(launch.argv)  # --api-key and the like: never printed
             print(json.dumps({"argv": argv, "env": launch_env(launch.env)}, indent=2))
@@ -371,6 +373,32 @@ def startup_line(launch: Launch) -> str:
     return f"serving {launch.model} as model '{launch.served_name}' with deltas: {names}"
 
 
+def effect_lines(deltas: list[Path]) -> list[str]:
+    """Per served delta: harmful and everyday-benign refusal per language, and its flags."""
+    from vllm_safety_patch.delta.effect_review import percent, review_effect
+    from vllm_safety_patch.delta_view import read_delta_header
+
+    lines = []
+    for path in deltas:
+        try:
+            review = review_effect(read_delta_header(path).manifest)
+        except VSPError:
+            continue  # the launch already read it; the server names any problem
+        sides = ", ".join(
+            f"{row.lang} {percent(row.harmful_before)}->{percent(row.harmful_after)} / "
+            + (
+                f"{percent(row.benign_before)}->{percent(row.benign_after)}"
+                if row.benign_n
+                else "not measured"
+            )
+            for row in review.languages
+        )
+        if sides:
+            lines.append(f"{path.stem}: refused, harmful / everyday benign: {sides}")
+        lines.extend(f"flag: {path.stem}: {flag}" for flag in review.flags)
+    return lines
+
+
 def server_root(url: str) -> str:
     """``http://host:8000``, ``.../`` and ``.../v1`` all name the same server (as in
     ``vsp eval --base-url``): its root, to which the admin routes' paths are added."""
@@ -456,7 +484,10 @@ def refused(status: int, payload: dict, code: int = 2) -> NoReturn:
 def print_listing(payload: dict) -> None:
     console.print(f"model: {payload['model']}", **PLAIN)
     console.print(f"active: {payload['header']}", **PLAIN)
-    table = Table("name", "group", "languages", "fingerprint", "sha256", "fits model", "active")
+    table = Table(
+        "name", "group", "languages", "delta base fingerprint", "sha256", "fits model",
+        "benign flags", "active",
+    )  # fmt: skip
     for item in payload["available"]:
         cells = (
             item["name"],
@@ -465,10 +496,14 @@ def print_listing(payload: dict) -> None:
             item.get("fingerprint") or "-",
             item.get("sha256") or "-",
             "yes" if item["matches_model"] else f"no: {item.get('problem')}",
+            len(item.get("flags") or []) if item.get("group") else "-",
             "*" if item.get("active") else "",
         )
         table.add_row(*(Text(str(cell)) for cell in cells))  # data, never markup
     console.print(table)
+    for item in payload["available"]:
+        for flag in item.get("flags") or []:
+            console.print(f"flag: {item['name']}: {flag}", **PLAIN)
     if not payload.get("hot_patch", True):
         console.print(f"hot patch unavailable: {payload.get('hot_patch_problem')}", **PLAIN)
     if payload.get("last_switch"):

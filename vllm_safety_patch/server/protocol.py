@@ -15,6 +15,17 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LanguageEffectInfo(_Body):
+    """Both sides of one language's measured effect (held-out rows; rates 0-1)."""
+
+    lang: str
+    harmful_before: float | None = Field(None, description="MultiJail refusal, base")
+    harmful_after: float | None = Field(None, description="MultiJail refusal, with the delta")
+    benign_before: float | None = Field(None, description="everyday-benign refusal, base")
+    benign_after: float | None = Field(None, description="everyday-benign refusal, with it")
+    benign_n: int = 0
+
+
 class DeltaInfo(_Body):
     """One delta file in the server's delta folder."""
 
@@ -33,6 +44,15 @@ class DeltaInfo(_Body):
     )
     active: bool = False
     problem: str | None = Field(None, description="why it cannot be activated, if it cannot")
+    effect: list[LanguageEffectInfo] = Field(
+        default_factory=list,
+        description="its manifest's measured effect: English and each of its languages",
+    )
+    flags: list[str] = Field(
+        default_factory=list,
+        description="a language without an everyday-benign figure, or whose benign refusal "
+        "rose more than 3 points (delta/effect_review.py)",
+    )
 
 
 class ActiveDelta(_Body):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vllm_safety_patch.delta.effect_review import review_effect
 from vllm_safety_patch.delta.header import SafetensorsHeader, parse_header
 from vllm_safety_patch.delta.io import FACTOR_DTYPE, NEURONS_DTYPE, Delta, read_delta, tensor_key
 from vllm_safety_patch.delta.manifest import MANIFEST_KEY, DeltaManifest
@@ -32,7 +33,12 @@ from vllm_safety_patch.models.checkpoint import Checkpoint
 from vllm_safety_patch.models.fingerprint import short, tensor_digest
 from vllm_safety_patch.server.canary import CanarySettings
 from vllm_safety_patch.server.gate import SwitchGate
-from vllm_safety_patch.server.protocol import ActiveDelta, DeltaInfo, SwitchRecord
+from vllm_safety_patch.server.protocol import (
+    ActiveDelta,
+    DeltaInfo,
+    LanguageEffectInfo,
+    SwitchRecord,
+)
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
@@ -356,6 +362,7 @@ class SafetyState:
             problem = header if isinstance(header, str) else NOT_A_DELTA
             return DeltaInfo(name=name, matches_model=False, problem=problem)
         problem = self._model_problem(manifest, source)
+        review = review_effect(manifest)
         return DeltaInfo(
             name=name,
             group=manifest.group,
@@ -363,6 +370,8 @@ class SafetyState:
             fingerprint=short(manifest.base_model.fingerprint),
             matches_model=problem is None,
             problem=problem,
+            effect=[LanguageEffectInfo(**vars(row)) for row in review.languages],
+            flags=list(review.flags),
         )
 
     def _model_problem(self, manifest: DeltaManifest, source: str) -> str | None:
