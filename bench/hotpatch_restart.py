@@ -1,4 +1,4 @@
-"""Hot-patch time vs a restart to the same weights (issue 6, item 2; issue 5's figures).
+"""Hot-patch time vs a restart to the same weights.
 
     .venv/bin/python bench/hotpatch_restart.py                 # default model (~3-4 min)
     .venv/bin/python bench/hotpatch_restart.py --model tiny    # smoke test

@@ -1,4 +1,4 @@
-"""Refusal metrics + language identification cost per request (issue 6, item 3).
+"""Refusal metrics + language identification cost per request.
 
     .venv/bin/python bench/metrics_cost.py                 # default model (~3-4 min)
     .venv/bin/python bench/metrics_cost.py --model tiny --n 10    # smoke test

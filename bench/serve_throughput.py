@@ -1,4 +1,4 @@
-"""Serving throughput and time to first token: stock vLLM vs `vsp serve` (issue 6, item 1).
+"""Serving throughput and time to first token: stock vLLM vs `vsp serve`.
 
     .venv/bin/python bench/serve_throughput.py                # default model (~8 min)
     .venv/bin/python bench/serve_throughput.py --model tiny --n 8 --pairs 1   # smoke test

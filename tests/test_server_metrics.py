@@ -415,3 +415,14 @@ def test_live_server_metrics(live: dict) -> None:
             for (lang, delta_set), refused in expected.items()
         )
     )
+
+
+def test_hotpatch_durations_are_exported_before_the_first_switch() -> None:
+    """The documented ``vsp_hotpatch_seconds`` is on /metrics from start-up, every outcome at
+    0, so a dashboard or alert finds it before the first switch."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    metrics.metrics()
+    text = generate_latest(REGISTRY).decode()
+    for outcome in metrics.HOTPATCH_OUTCOMES:
+        assert f'vsp_hotpatch_seconds_count{{outcome="{outcome}"}}' in text, outcome

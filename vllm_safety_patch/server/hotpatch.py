@@ -56,25 +56,6 @@ from vllm_safety_patch.vllm_plugin.worker_extension import PREPARE_METHOD, RELOA
 logger = logging.getLogger(f"vllm.{__name__}")
 
 RPC_TIMEOUT_S = 600.0
-_metric: Any = None
-
-
-def _observe(seconds: float, outcome: str) -> None:
-    """Prometheus histogram on the API server's /metrics (collectors made here show up)."""
-    global _metric
-    try:
-        if _metric is None:
-            from prometheus_client import Histogram
-
-            _metric = Histogram(
-                "vsp_hotpatch_seconds",
-                "Duration of safety delta switches (POST /v1/safety/deltas/activate)",
-                ["outcome"],
-                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-            )
-        _metric.labels(outcome).observe(seconds)
-    except (ImportError, ValueError):  # no client, or registered twice: the log has it
-        pass
 
 
 def resolve(state: SafetyState, names: list[Any]) -> list[Path]:
@@ -473,7 +454,7 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
                 if not request.dry_run and (report is None or report.passed):
                     state.active = new
         except DrainTimeoutError as error:
-            _observe(time.monotonic() - started, "drain_timeout")
+            metrics.hotpatch_timed(time.monotonic() - started, "drain_timeout")
             raise SafetyAPIError(
                 409,
                 f"{error.in_flight} requests were still running after {error.timeout:g} s; "
@@ -494,7 +475,7 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
             finished_at=time.time(),
         )
         if report is not None and not report.passed and not request.dry_run:
-            _observe(record.total_seconds, "canary_failed")
+            metrics.hotpatch_timed(record.total_seconds, "canary_failed")
             raise SafetyAPIError(
                 422,
                 f"the canary refused {label}: {canary.failures(report)}; the previous set "
@@ -508,7 +489,7 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
                 canary=report,
             )
         if request.dry_run:
-            _observe(record.total_seconds, "dry_run")
+            metrics.hotpatch_timed(record.total_seconds, "dry_run")
             return ActivateResponse(
                 changed=False,
                 active=[e.public() for e in state.active],
@@ -518,7 +499,7 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
                 canary=report,
             )
         state.last_switch = record
-        _observe(record.total_seconds, "ok")
+        metrics.hotpatch_timed(record.total_seconds, "ok")
         logger.info(
             "vsp: switched deltas %s -> %s: %d tensors, verify %.3f s, drain %.3f s, "
             "reload %.3f s, canary %s, total %.3f s",
@@ -545,7 +526,7 @@ async def _restore(
 ) -> None:
     """Put the old set back on every worker, then raise the error for the client."""
     logger.error("vsp: switch failed, restoring %s: %s", header_value(old), cause)
-    _observe(0.0, "failed")
+    metrics.hotpatch_timed(0.0, "failed")
     try:
         await _reload(state, old, tensors)
     except Exception as second:

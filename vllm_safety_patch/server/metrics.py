@@ -13,8 +13,8 @@ Series (all in the API-server process, where vLLM exposes the default registry):
   refused the files (422) or failed mid-switch (500), the canary refused the set (422), the
   server shut down or its engine died under it (503)), counted by ``hotpatch.py``; every
   reason is exported from start-up at 0, so an alert on ``increase()`` sees the first one.
-  Refused requests (bad name, no token) count in neither. ``vsp_hotpatch_seconds``
-  (``hotpatch.py``) is unchanged;
+  Refused requests (bad name, no token) count in neither. ``vsp_hotpatch_seconds{outcome}``:
+  switch durations (``HOTPATCH_OUTCOMES``, exported from start-up);
 - ``vsp_canary_refusal_ratio{language, kind, delta_set}``: the share of the last canary's
   ``harmful`` or ``benign`` probe prompts that were refused, per probed set;
   ``vsp_canary_runs_total{outcome, mode}`` (passed/failed, activate/dry_run, from start-up
@@ -59,6 +59,7 @@ FAILURE_REASONS = (
     "engine_stopped",  # the engine died mid-switch (503)
     "error",  # anything unexpected
 )
+HOTPATCH_OUTCOMES = ("ok", "dry_run", "canary_failed", "drain_timeout", "failed")
 CANARY_KINDS = ("harmful", "benign")
 CANARY_OUTCOMES = ("passed", "failed")
 CANARY_MODES = ("activate", "dry_run")
@@ -98,6 +99,15 @@ class _Metrics:
         )
         for reason in FAILURE_REASONS:  # exported at 0, so increase() sees the first failure
             self.hotpatch_failures.labels(reason)
+        self.hotpatch_seconds = _get_or_make(
+            Histogram,
+            "vsp_hotpatch_seconds",
+            "Duration of safety delta switches (POST /v1/safety/deltas/activate)",
+            ("outcome",),
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        for outcome in HOTPATCH_OUTCOMES:  # exported from start-up, before the first switch
+            self.hotpatch_seconds.labels(outcome)
         self.canary_ratio = _get_or_make(
             Gauge,
             "vsp_canary_refusal_ratio",
@@ -154,6 +164,14 @@ def hotpatch_failed(reason: str) -> None:
         metrics().hotpatch_failures.labels(reason).inc()
     except Exception:  # metrics must never break serving
         logger.exception("vsp: cannot count a failed switch (%s)", reason)
+
+
+def hotpatch_timed(seconds: float, outcome: str) -> None:
+    """One switch's duration under ``outcome`` (one of ``HOTPATCH_OUTCOMES``)."""
+    try:
+        metrics().hotpatch_seconds.labels(outcome).observe(seconds)
+    except Exception:  # metrics must never break serving
+        logger.exception("vsp: cannot time a switch (%s)", outcome)
 
 
 def canary_observed(report: Any, dry_run: bool) -> None:
