@@ -106,3 +106,40 @@ def wait_healthy(process: subprocess.Popen, base_url: str, log: Path, timeout_s:
         except OSError:
             pass
         time.sleep(1)
+
+
+SERVE_START_TIMEOUT_S = 360
+
+
+def delta_label(delta: Any) -> str:
+    """What ``X-Safety-Deltas`` says for one delta: ``group@fingerprint[:12]``."""
+    return f"{delta.group}@{delta.manifest.base_model.fingerprint[:12]}"
+
+
+def start_vsp_serve(
+    model: Path,
+    delta_dir: Path,
+    deltas: str,
+    token_file: Path,
+    log: Path,
+    core: int,
+    env_extra: dict[str, str] | None = None,
+    timeout_s: float = SERVE_START_TIMEOUT_S,
+) -> tuple[subprocess.Popen, str, float]:
+    """``vsp serve`` of a (tiny) model on loopback, pinned to one core: (process, URL,
+    seconds to healthy). The caller stops it with :func:`stop_process_group`."""
+    port = free_port()
+    command = vsp_command(
+        "serve", "--model", str(model), "--delta-dir", str(delta_dir), "--deltas", deltas,
+        "--admin-token-file", str(token_file), "--port", str(port),
+        "--", "--max-model-len", "512", "--seed", "0",
+    )  # fmt: skip
+    env = {**engine_env(core), **(env_extra or {})}
+    process = start_logged(command, env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        seconds = wait_healthy(process, url, log, timeout_s)
+    except BaseException:
+        stop_process_group(process)
+        raise
+    return process, url, seconds

@@ -38,13 +38,11 @@ import torch
 from conftest import make_delta
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import (
-    engine_env,
-    free_port,
+    delta_label,
     request,
-    start_logged,
+    start_vsp_serve,
     stop_process_group,
     vsp_command,
-    wait_healthy,
 )
 
 from vllm_safety_patch.delta.build import build_delta
@@ -472,50 +470,22 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> dict:
         "model": tiny_qwen2,
         "folders": folders,
         "token_file": token_file,
-        "labels": {name: label(delta) for name, delta in deltas.items()},
+        "labels": {name: delta_label(delta) for name, delta in deltas.items()},
     }
 
 
-def label(delta: Any) -> str:
-    return f"{delta.group}@{delta.manifest.base_model.fingerprint[:12]}"
-
-
 def start_replica(files: dict, name: str, env_extra: dict[str, str]) -> tuple[Any, dict]:
-    port = free_port()
-    command = vsp_command(
-        "serve",
-        "--model",
-        str(files["model"]),
-        "--delta-dir",
-        str(files["folders"][name]),
-        "--deltas",
-        "first",
-        "--admin-token-file",
-        str(files["token_file"]),
-        "--port",
-        str(port),
-        "--",
-        "--max-model-len",
-        "512",
-        "--seed",
-        "0",
-    )
     cores = sorted(os.sched_getaffinity(0))
-    env = engine_env(cores[-1] if name == "a" else cores[0])
-    env.update(env_extra)
     log = files["root"] / f"server-{name}.log"
-    process = start_logged(command, env, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        seconds = wait_healthy(process, url, log, START_TIMEOUT_S)
-    except BaseException:
-        stop_process_group(process)
-        raise
+    process, url, seconds = start_vsp_serve(
+        files["model"], files["folders"][name], "first", files["token_file"], log,
+        core=cores[-1] if name == "a" else cores[0], env_extra=env_extra,
+    )  # fmt: skip
     print(f"\nreplica {name}: healthy after {seconds:.1f} s")
     return process, {
         "name": name,
         "url": url,
-        "port": port,
+        "port": int(url.rsplit(":", 1)[1]),
         "pid": process.pid,
         "log": log,
         "model": str(files["model"]),

@@ -27,13 +27,10 @@ import pytest
 from conftest import make_delta
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import (
-    engine_env,
-    free_port,
+    delta_label,
     request,
-    start_logged,
+    start_vsp_serve,
     stop_process_group,
-    vsp_command,
-    wait_healthy,
 )
 from starlette.types import Message, Receive, Scope, Send
 
@@ -99,48 +96,26 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def live(files: dict) -> Iterator[dict]:
-    port = free_port()
-    command = vsp_command(
-        "serve",
-        "--model",
-        str(files["model"]),
-        "--delta-dir",
-        str(files["delta_dir"]),
-        "--deltas",
-        "first",
-        "--admin-token-file",
-        str(files["token_file"]),
-        "--port",
-        str(port),
-        "--",
-        "--max-model-len",
-        "512",
-        "--seed",
-        "0",
-    )
-    env = engine_env(sorted(os.sched_getaffinity(0))[-1])
-    env.update(VSP_SWITCH_DRAIN_TIMEOUT_S=str(DRAIN_S), VSP_SEND_STALL_TIMEOUT_S=str(STALL_S))
-    log = files["root"] / "server.log"
-    process = start_logged(command, env, log)
+    process, url, seconds = start_vsp_serve(
+        files["model"], files["delta_dir"], "first", files["token_file"],
+        files["root"] / "server.log", core=sorted(os.sched_getaffinity(0))[-1],
+        env_extra={
+            "VSP_SWITCH_DRAIN_TIMEOUT_S": str(DRAIN_S), "VSP_SEND_STALL_TIMEOUT_S": str(STALL_S),
+        },
+    )  # fmt: skip
     try:
-        url = f"http://127.0.0.1:{port}"
-        seconds = wait_healthy(process, url, log, START_TIMEOUT_S)
         print(f"\nvsp serve (guards): healthy after {seconds:.1f} s")
         yield {
             "url": url,
-            "port": port,
+            "port": int(url.rsplit(":", 1)[1]),
             "pid": process.pid,  # vsp serve execs the API server: same process
             "model": str(files["model"]),
-            "log": log,
-            "first": label(files["first"]),
-            "second": label(files["second"]),
+            "log": files["root"] / "server.log",
+            "first": delta_label(files["first"]),
+            "second": delta_label(files["second"]),
         }
     finally:
         stop_process_group(process)
-
-
-def label(delta: Any) -> str:
-    return f"{delta.group}@{delta.manifest.base_model.fingerprint[:12]}"
 
 
 def activate(live: dict, names: list[str]) -> tuple[int, Any, dict[str, str], float]:

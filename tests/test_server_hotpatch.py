@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from conftest import random_edit
 from serving_helpers import (
+    delta_label,
     engine_env,
     free_port,
     request,
@@ -218,10 +219,6 @@ def greedy(server: dict) -> tuple[list[list[int]], set[str]]:
     return ids, seen
 
 
-def label(delta: Any) -> str:
-    return f"{delta.group}@{delta.manifest.base_model.fingerprint[:12]}"
-
-
 # ---------------------------------------------------------------------------------------
 # (a)-(f): the real server
 # ---------------------------------------------------------------------------------------
@@ -231,7 +228,7 @@ def test_a_lists_deltas_and_headers(server: dict, files: dict) -> None:
     body = listing(server)
     first, second = files["first"], files["second"]
     assert [entry["name"] for entry in body["active"]] == ["first"]
-    assert body["header"] == label(first)
+    assert body["header"] == delta_label(first)
     assert body["hot_patch"] is True, body["hot_patch_problem"]
     available = {entry["name"]: entry for entry in body["available"]}
     assert set(available) == {"first", "second", "llama", "corrupt"}
@@ -249,13 +246,13 @@ def test_a_lists_deltas_and_headers(server: dict, files: dict) -> None:
     assert str(files["delta_dir"]) not in json.dumps(body)
 
     ids, seen = greedy(server)
-    assert seen == {label(first)}
+    assert seen == {delta_label(first)}
     assert ids == server["reference"]["first"], "load-time merge differs from merged checkpoint"
     server["outputs"]["first"] = ids
     # Every route carries the header, even a 404 and /health.
     for path in ("/health", "/v1/models", "/no-such-route"):
         status, _, headers = request("GET", server["url"] + path)
-        assert headers.get("x-safety-deltas") == label(first), (path, status)
+        assert headers.get("x-safety-deltas") == delta_label(first), (path, status)
 
 
 def test_b_activate_second_matches_its_merged_checkpoint(server: dict, files: dict) -> None:
@@ -264,7 +261,7 @@ def test_b_activate_second_matches_its_merged_checkpoint(server: dict, files: di
     assert reference["first"] != reference["second"] != reference["base"] != reference["first"]
     status, body, headers = activate(server, ["second"])
     assert status == 200, body
-    assert body["changed"] and headers["x-safety-deltas"] == label(files["second"])
+    assert body["changed"] and headers["x-safety-deltas"] == delta_label(files["second"])
     switch = body["switch"]
     print(
         f"\nhot patch first -> second: {switch['tensors']} tensors, reload "
@@ -272,10 +269,10 @@ def test_b_activate_second_matches_its_merged_checkpoint(server: dict, files: di
         f"(server start {server['start_seconds']:.1f} s)"
     )
     ids, seen = greedy(server)
-    assert seen == {label(files["second"])}
+    assert seen == {delta_label(files["second"])}
     assert ids == reference["second"]
     listed = listing(server)
-    assert listed["last_switch"]["to_deltas"] == [label(files["second"])]
+    assert listed["last_switch"]["to_deltas"] == [delta_label(files["second"])]
     available = {entry["name"]: entry for entry in listed["available"]}
     assert available["second"]["active"] and not available["first"]["active"]
     assert available["second"]["sha256"] == files["second"].sha256[:12]  # read when activated
@@ -318,7 +315,7 @@ def test_d_refusals_change_nothing(
     error = body["error"]
     assert error["type"] == kind and error["code"] == status
     assert words in error["problem"] and error["fix"] and "Fix:" in error["message"]
-    assert headers["x-safety-deltas"] == label(files["first"])
+    assert headers["x-safety-deltas"] == delta_label(files["first"])
     assert [entry["name"] for entry in listing(server)["active"]] == ["first"]
 
 
@@ -343,7 +340,7 @@ def test_e_auth_on_the_real_server(server: dict) -> None:
 
 
 def test_f_streams_survive_repeated_switches(server: dict, files: dict) -> None:
-    labels = {label(files["first"]), label(files["second"]), "none"}
+    labels = {delta_label(files["first"]), delta_label(files["second"]), "none"}
     stop = threading.Event()
     results: dict[str, Any] = {"ok": 0, "failed": [], "headers": {}, "latency": []}
     lock = threading.Lock()
@@ -426,20 +423,20 @@ def test_g_cli_client(server: dict, files: dict) -> None:
     url = ["--url", server["url"]]
     listed = runner.invoke(app, ["deltas", "list", *url, "--json"])
     assert listed.exit_code == 0, listed.output
-    assert json.loads(listed.stdout)["header"] == label(files["first"])
+    assert json.loads(listed.stdout)["header"] == delta_label(files["first"])
     table = runner.invoke(app, ["deltas", "list", *url])
     assert table.exit_code == 0 and "second" in table.stdout and "llama" in table.stdout
     token = ["--token-file", str(files["token_file"])]
     switched = runner.invoke(app, ["deltas", "activate", "second", *url, *token])
     assert switched.exit_code == 0, switched.output
-    assert f"active: {label(files['second'])}" in switched.stdout
+    assert f"active: {delta_label(files['second'])}" in switched.stdout
     no_token = {"VSP_ADMIN_TOKEN": None}
     refused = runner.invoke(app, ["deltas", "activate", "first", *url], env=no_token)
     assert refused.exit_code == 2 and "HTTP 401" in refused.output
     back = runner.invoke(app, ["deltas", "activate", "none", *url, *token])
     assert back.exit_code == 0 and "active: none" in back.stdout
     back = runner.invoke(app, ["deltas", "activate", "first", *url, *token])
-    assert back.exit_code == 0 and f"active: {label(files['first'])}" in back.stdout
+    assert back.exit_code == 0 and f"active: {delta_label(files['first'])}" in back.stdout
 
 
 # ---------------------------------------------------------------------------------------
@@ -512,7 +509,7 @@ def test_e_no_token_configured_is_403_never_2xx(files: dict) -> None:
             assert reply.status_code == 403
             error = reply.json()["error"]
             assert "no admin token" in error["problem"] and "--admin-token-file" in error["fix"]
-            assert reply.headers["x-safety-deltas"] == label(files["first"])
+            assert reply.headers["x-safety-deltas"] == delta_label(files["first"])
 
 
 def test_e_token_checks_without_vllm(files: dict) -> None:
@@ -529,7 +526,9 @@ def test_e_token_checks_without_vllm(files: dict) -> None:
         assert reply.status_code == 409 and "no engine" in reply.json()["error"]["problem"]
         reply = client.post(url, json={"deltas": []}, headers={"X-VSP-Admin-Token": TOKEN})
         assert reply.status_code == 409
-        assert client.post("/v1/completions").headers["x-safety-deltas"] == label(files["first"])
+        assert client.post("/v1/completions").headers["x-safety-deltas"] == delta_label(
+            files["first"]
+        )
 
 
 def test_failed_switch_restores_the_previous_set(files: dict) -> None:
@@ -544,7 +543,7 @@ def test_failed_switch_restores_the_previous_set(files: dict) -> None:
         assert reply.status_code == 500
         error = reply.json()["error"]
         assert error["type"] == "switch_failed" and "was restored" in error["problem"]
-        assert reply.headers["x-safety-deltas"] == label(files["first"])
+        assert reply.headers["x-safety-deltas"] == delta_label(files["first"])
     first, second = files["first"], files["second"]
     touched = sorted(set(first.edits) | set(second.edits))
     # Tried the new set, then reloaded the old one over the same tensors; resumed after.

@@ -18,13 +18,10 @@ from conftest import make_delta
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import (
-    engine_env,
-    free_port,
+    delta_label,
     request,
-    start_logged,
+    start_vsp_serve,
     stop_process_group,
-    vsp_command,
-    wait_healthy,
 )
 from starlette.datastructures import State
 
@@ -290,33 +287,13 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterator
     (delta_dir / "metrics.safetensors").write_bytes(data)
     token_file = root / "admin-token"
     token_file.write_text(TOKEN + "\n")
-    port = free_port()
-    command = vsp_command(
-        "serve",
-        "--model",
-        str(tiny_qwen2),
-        "--delta-dir",
-        str(delta_dir),
-        "--deltas",
-        "metrics",
-        "--admin-token-file",
-        str(token_file),
-        "--port",
-        str(port),
-        "--",
-        "--max-model-len",
-        "512",
-        "--seed",
-        "0",
-    )
     log = root / "server.log"
-    process = start_logged(command, engine_env(sorted(os.sched_getaffinity(0))[-1]), log)
+    process, url, seconds = start_vsp_serve(
+        tiny_qwen2, delta_dir, "metrics", token_file, log, core=sorted(os.sched_getaffinity(0))[-1]
+    )
     try:
-        url = f"http://127.0.0.1:{port}"
-        seconds = wait_healthy(process, url, log, START_TIMEOUT_S)
         print(f"\nvsp serve (metrics): healthy after {seconds:.1f} s")
-        label = f"{delta.group}@{delta.manifest.base_model.fingerprint[:12]}"
-        yield {"url": url, "model": str(tiny_qwen2), "label": label, "log": log}
+        yield {"url": url, "model": str(tiny_qwen2), "label": delta_label(delta), "log": log}
     finally:
         stop_process_group(process)
 
