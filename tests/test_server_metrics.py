@@ -75,6 +75,31 @@ def test_language_header_and_edge_cases() -> None:
     assert identify(None) == UNKNOWN
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        "def fibonacci(n):",  # py3langid alone: Italian
+        "console.log('hi');",  # French
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)",
+        "SELECT * FROM users WHERE id = 1;",
+        "x = [i**2 for i in range(10)]",
+    ],
+)
+def test_code_is_not_labelled_a_language(code: str) -> None:
+    assert identify(code) == UNKNOWN
+
+
+def test_everyday_requests_keep_their_language() -> None:
+    """The confidence floor costs the natural-language prompts (almost) nothing."""
+    misses = []
+    for lang in ("en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv"):
+        for prompt in load_prompts("everyday", lang, "test", ids=range(16)):
+            if identify(prompt.text) != lang:
+                misses.append((lang, prompt.index, identify(prompt.text)))
+    print(f"\neveryday test rows 0-15: {160 - len(misses)}/160 labelled right; misses {misses}")
+    assert len(misses) <= 8, misses
+
+
 # ---------------------------------------------------------------------------------------
 # Parsing: prompts, JSON answers, SSE streams
 # ---------------------------------------------------------------------------------------

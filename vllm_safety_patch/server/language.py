@@ -2,7 +2,9 @@
 
 Used by the server's refusal metrics (``metrics.py``) to label each request. The client may
 name the language itself (header ``X-Prompt-Language``); a code the project does not know
-becomes ``unknown``, never an error.
+becomes ``unknown``, never an error. So does a prompt that is not confidently one language:
+source code (``def fibonacci(n):`` scored Italian, ``console.log('hi');`` French), a lone
+"Ciao": on a coder model such prompts would otherwise skew the per-language refusal rates.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ UNKNOWN = "unknown"
 # A prompt is identified from its first characters: enough for any language here, and it
 # bounds the cost (py3langid walks every byte).
 MAX_CHARS = 1000
+# Below this probability (py3langid's, normalised over the project's languages) the label is
+# ``unknown``: code scores 0.27-0.59, sentences in the project's languages 0.7-1.0.
+MIN_CONFIDENCE = 0.6
 
 _identifier: Any = None
 _lock = threading.Lock()
@@ -30,7 +35,7 @@ def _get_identifier() -> Any:
             if _identifier is None:
                 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-                identifier = LanguageIdentifier.from_model_file(MODEL_FILE)
+                identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
                 known = set(identifier.nb_classes)
                 identifier.set_languages([code for code in LANGUAGE_NAMES if code in known])
                 _identifier = identifier
@@ -38,12 +43,15 @@ def _get_identifier() -> Any:
 
 
 def identify(text: str | None) -> str:
-    """The ISO 639-1 code of ``text`` among ``LANGUAGE_NAMES``, or ``unknown`` if empty."""
+    """The ISO 639-1 code of ``text`` among ``LANGUAGE_NAMES``, or ``unknown`` if it is empty
+    or not confidently one of them (code, a word or two)."""
     if not text or not text.strip():
         return UNKNOWN
     try:
-        code, _ = _get_identifier().classify(text[:MAX_CHARS])
+        code, probability = _get_identifier().classify(text[:MAX_CHARS])
     except Exception:  # a metrics label must never fail a request
+        return UNKNOWN
+    if probability < MIN_CONFIDENCE:
         return UNKNOWN
     return code if code in LANGUAGE_NAMES else UNKNOWN
 
