@@ -111,6 +111,14 @@ def test_measure_effect_in_process_restores_the_model(tiny_qwen2: Path, tmp_path
     assert "| tiny |" in table and "Refusal of held-out harmful prompts" in table
     # the everyday set and PolyRefuse are both over-refusal: each gets its own table
     assert "everyday benign requests" in table and "PolyRefuse harmless" in table
+    assert "Wilson 95% interval" in table
+
+
+def test_effect_cells_carry_wilson_intervals() -> None:
+    from vllm_safety_patch.eval.effect_table import _cell
+
+    assert _cell(0.02, 0.52, 50) == "2 → 52 [39-65]"
+    assert _cell(0.0, 0.0, 20) == "0 → 0 [0-16]"
 
 
 def test_measure_and_eval_share_held_out_rows_and_token_budgets() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vllm_safety_patch.delta.io import Delta
+from vllm_safety_patch.eval.stats import wilson_interval
 
 # One table per (metric, data suite), in this order.
 TABLE_TITLES = {
@@ -24,8 +25,15 @@ def gap_closed(before: float, after: float, english_before: float) -> float | No
     return None if gap <= 0 else (after - before) / gap
 
 
+def _cell(before: float, after: float, n: int) -> str:
+    """'before → after [low-high]': the after figure's Wilson 95% interval."""
+    low, high = wilson_interval(round(after * n), n)
+    return f"{100 * before:.0f} → {100 * after:.0f} [{100 * low:.0f}-{100 * high:.0f}]"
+
+
 def effect_markdown(deltas: Sequence[Delta]) -> str:
-    """One table per metric and suite: rows are deltas, cells 'before → after' per language."""
+    """One table per metric and suite: rows are deltas, cells 'before → after [Wilson 95% of
+    after]' per language."""
     lines: list[str] = []
     for (metric, suite), title in TABLE_TITLES.items():
         rows = [
@@ -49,9 +57,7 @@ def effect_markdown(deltas: Sequence[Delta]) -> str:
             cells = []
             for lang in languages:
                 row = by_lang.get(lang)
-                cells.append(
-                    "" if row is None else f"{100 * row.before:.0f} → {100 * row.after:.0f}"
-                )
+                cells.append("" if row is None else _cell(row.before, row.after, row.n))
             lines.append(f"| {delta.group} | " + " | ".join(cells) + " |")
         if metric == "refusal_rate":
             lines += ["", "Share of each language's gap to English closed:", ""]
@@ -71,7 +77,12 @@ def effect_markdown(deltas: Sequence[Delta]) -> str:
                     cells.append("" if share is None else f"{100 * share:.0f}%")
                 lines.append(f"| {delta.group} | " + " | ".join(cells) + " |")
         n = sorted({row.n for _, effect in rows for row in effect})
-        lines += ["", f"n per language: {', '.join(map(str, n))}", ""]
+        lines += [
+            "",
+            f"n per language: {', '.join(map(str, n))}; in brackets the Wilson 95% interval "
+            "of the figure after the edit",
+            "",
+        ]
     return "\n".join(lines)
 
 
