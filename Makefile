@@ -27,13 +27,15 @@ format:
 test: lint test-tools
 	$(PY) -m pytest -q
 
-# Regenerate the shipped deltas of the default model from deltas/solve.toml and
-# deltas/solve-polyrefuse.toml (each names the groups it makes), measure them on held-out
-# rows (figures go into each manifest) and print the effect tables for the README.
+# Regenerate the shipped deltas of the default model from deltas/solve.toml (all),
+# deltas/solve-groups.toml and deltas/solve-polyrefuse.toml (each names the groups it makes),
+# measure them on held-out rows (figures go into each manifest) and print the effect tables
+# for the README.
 # vsp solve refuses to replace shipped deltas unless told to: --overwrite-shipped.
 DELTA_DIR := deltas/qwen2.5-coder-0.5b-instruct
 deltas: setup
 	.venv/bin/vsp solve --config deltas/solve.toml --out $(DELTA_DIR) --overwrite-shipped
+	.venv/bin/vsp solve --config deltas/solve-groups.toml --out $(DELTA_DIR) --overwrite-shipped
 	.venv/bin/vsp solve --config deltas/solve-polyrefuse.toml --out $(DELTA_DIR) --overwrite-shipped
 	.venv/bin/vsp measure $(DELTA_DIR)/*.safetensors --samples build/samples
 	$(PY) -m vllm_safety_patch.eval.effect_table $(DELTA_DIR)
