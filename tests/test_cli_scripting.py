@@ -451,7 +451,11 @@ def test_solve_help_and_make_deltas_name_the_flag() -> None:
         ["make", "-n", "-C", str(REPO), "deltas"], capture_output=True, text=True, timeout=60
     )
     solves = [line for line in dry.stdout.splitlines() if "vsp solve" in line]
-    assert len(solves) == 2 and all("--overwrite-shipped" in line for line in solves), dry
+    # one per committed config (deltas/solve*.toml), each told it may replace shipped files
+    configs = sorted((REPO / "deltas").glob("solve*.toml"))
+    assert len(solves) == len(configs) == 3, dry
+    assert all("--overwrite-shipped" in line for line in solves), dry
+    assert all(any(f"deltas/{c.name} " in line for line in solves) for c in configs), dry
 
 
 # --- commands that read only a header: no torch --------------------------------------------
