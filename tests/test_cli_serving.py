@@ -200,6 +200,79 @@ def test_an_api_key_equal_to_the_admin_token_is_refused(
     assert different.exit_code == 0, different.output
 
 
+SECRET = "SECRET-KEY-0123456789abcdef"
+
+
+def api_key_spelling(spelling: str, folder: Path) -> list[str]:
+    """vLLM arguments giving the API key ``SECRET`` in one of the ways vLLM's parser takes."""
+    if spelling == "repeat":  # the last one wins
+        return ["--api-key", "first-key-0123456789", "--api-key", SECRET]
+    if spelling == "--config":
+        config = folder / "vllm.yaml"
+        config.write_text(f"api-key: {SECRET}\nseed: 0\n")
+        return ["--config", str(config)]
+    if spelling == "--api-k=":
+        return [f"--api-k={SECRET}"]
+    return [spelling, SECRET]
+
+
+@pytest.mark.parametrize("spelling", ["--api_key", "--api-k", "--api-k=", "repeat", "--config"])
+def test_every_spelling_of_the_api_key_is_checked_and_redacted(
+    spelling: str, tiny_qwen2: Path, deltas: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM takes --api_key, any unambiguous prefix, the last of repeated flags and
+    --config FILE (issue 20, finding 1): the launcher checks the key vLLM parses, and the
+    dry run prints none of them."""
+    from vllm_safety_patch import serve as serve_module
+
+    def started(launch: object) -> None:
+        raise AssertionError("vLLM was started with an API key equal to the admin token")
+
+    monkeypatch.setattr(serve_module, "exec_launch", started)
+    extra = api_key_spelling(spelling, tmp_path)
+    common = ["--model", str(tiny_qwen2), "--delta-dir", str(deltas), "--deltas", "th"]
+    refused = serve(*common, "--", *extra, VSP_ADMIN_TOKEN=SECRET)
+    assert refused.exit_code == 2, refused.output
+    assert "equals the admin token" in refused.stderr and SECRET not in refused.output
+    shown = serve(*common, "--dry-run", "--", *extra, VSP_ADMIN_TOKEN=TOKEN)
+    assert shown.exit_code == 0, shown.output
+    assert SECRET not in shown.output and "first-key" not in shown.output
+    assert "***" in shown.stdout or spelling == "--config"  # the file's content is not shown
+
+
+def test_the_plugin_checks_the_api_key_vllm_parsed(
+    tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever starts the server, the API-server plugin refuses to come up when the key vLLM
+    parsed (args.api_key) is the admin token (issue 20, finding 1)."""
+    import asyncio
+
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_safety_patch.errors import VSPError
+    from vllm_safety_patch.server.plugin import build_state
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    monkeypatch.setenv("VSP_ADMIN_TOKEN", SECRET)
+    monkeypatch.delenv("VSP_ADMIN_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    for spelling in ("--api_key", "--api-k", "repeat", "--config"):
+        args = parser.parse_args(
+            ["--model", str(tiny_qwen2), *api_key_spelling(spelling, tmp_path)]
+        )
+        assert args.api_key == [SECRET], spelling
+        with pytest.raises(VSPError, match="equals the admin token"):
+            asyncio.run(build_state(None, args))
+    # No key on the command line: VLLM_API_KEY is the key, as vLLM reads it.
+    args = parser.parse_args(["--model", str(tiny_qwen2)])
+    monkeypatch.setenv("VLLM_API_KEY", SECRET)
+    with pytest.raises(VSPError, match="equals the admin token"):
+        asyncio.run(build_state(None, args))
+    monkeypatch.setenv("VLLM_API_KEY", "another-key-0123456789")
+    assert asyncio.run(build_state(None, args)).admin_token == SECRET
+
+
 # ---------------------------------------------------------------------------------------
 # URLs and --version (issue 15)
 # ---------------------------------------------------------------------------------------

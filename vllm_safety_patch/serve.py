@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_safety_patch.config import DEFAULT_MODEL_NAME, default_model_dir, repo_deltas_dir
@@ -43,8 +43,13 @@ VLLM_OPTIONAL_PLUGINS = {
 OWNED_FLAGS = ("--model", "--load-format", "--model-loader-extra-config", "--host", "--port")
 # vLLM flags whose values are secrets: never printed (vLLM's own log redacts them too).
 SECRET_FLAGS = ("--api-key", "--hf-token")
+# vLLM reads more flags from this YAML file (an API key among them, perhaps).
+CONFIG_FLAG = "--config"
 REDACTED = "***"
 API_KEY_VAR = "VLLM_API_KEY"
+# vLLM's Responses API store: background responses run in the engine after their HTTP call
+# has returned, outside the switch gate (a canary could meet them, or they it).
+RESPONSES_STORE_VAR = "VLLM_ENABLE_RESPONSES_API_STORE"
 
 
 class ServeError(VSPError):
@@ -60,6 +65,8 @@ class Launch:
     delta_dir: Path
     notes: list[str]
     served_name: str  # the model name clients send (and vLLM's metric label)
+    # Values never to print (API keys, HF token, admin token), as vLLM parses the command.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 def delta_dir_for(model_dir: Path) -> Path:
@@ -165,19 +172,83 @@ def flag_values(args: Sequence[str], flag: str) -> list[str]:
     return values
 
 
-def redact_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` fit to print or log: the values of :data:`SECRET_FLAGS` replaced."""
-    redacted, secret = [], False
+def _flag_name(arg: str) -> str | None:
+    """``--api_key=X`` -> ``--api-key``: a long option's name as vLLM's parser reads it
+    (underscores are dashes there); None for anything else."""
+    if not arg.startswith("--") or arg == "--":
+        return None
+    return "--" + arg[2:].split("=", 1)[0].replace("_", "-")
+
+
+def may_name(arg: str, flag: str) -> bool:
+    """Whether ``arg`` could give ``flag`` to vLLM: spelt out, with underscores, or cut short
+    (argparse takes any unambiguous prefix: ``--api-k``)."""
+    name = _flag_name(arg)
+    return name is not None and len(name) > 2 and flag.startswith(name)
+
+
+def flag_values_any(args: Sequence[str], flag: str) -> list[str]:
+    """:func:`flag_values` for every spelling of ``flag`` vLLM takes (a fallback for
+    arguments vLLM's parser refuses: the server will not start with them anyway)."""
+    values, taking = [], False
+    for arg in args:
+        if arg.startswith("-"):
+            taking = may_name(arg, flag) and "=" not in arg
+            if may_name(arg, flag) and "=" in arg:
+                values.append(arg.split("=", 1)[1])
+        elif taking:
+            values.append(arg)
+    return values
+
+
+def redact_argv(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:
+    """``argv`` fit to print or log: every value of :data:`SECRET_FLAGS`, in any spelling
+    vLLM takes, and every occurrence of ``secrets`` (the values vLLM parsed) replaced."""
+    redacted, taking = [], False
     for arg in argv:
         if arg.startswith("-"):
-            secret = arg in SECRET_FLAGS
-            name = arg.split("=", 1)[0]
-            if "=" in arg and name in SECRET_FLAGS:
-                arg = f"{name}={REDACTED}"
-        elif secret:
+            secret = any(may_name(arg, flag) for flag in SECRET_FLAGS)
+            taking = secret and "=" not in arg
+            if secret and "=" in arg:
+                arg = f"{arg.split('=', 1)[0]}={REDACTED}"
+        elif taking:
             arg = REDACTED
+        for value in secrets:
+            # Inside a longer argument only when long enough not to be any short word.
+            if arg == value or (len(value) >= 8 and value in arg):
+                arg = arg.replace(value, REDACTED)
         redacted.append(arg)
     return redacted
+
+
+def _may_carry_secrets(args: Sequence[str]) -> bool:
+    return any(
+        _flag_name(arg) == CONFIG_FLAG or any(may_name(arg, flag) for flag in SECRET_FLAGS)
+        for arg in args
+    )
+
+
+def vllm_secrets(args: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """(API keys, other secret values) exactly as vLLM's own parser reads ``args`` (the
+    server's arguments): every spelling, the last of repeats, ``--config FILE``. Parsed only
+    when a flag might carry one (importing the parser costs seconds); None when vLLM would
+    refuse the arguments itself."""
+    if not _may_carry_secrets(args):
+        return [], []
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            from vllm.entrypoints.launchers.cli_args import make_arg_parser
+            from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+            parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(list(args))
+    except (Exception, SystemExit):  # vLLM refuses them too, in its own words
+        return None
+    keys = [str(key) for key in (getattr(parsed, "api_key", None) or [])]
+    token = getattr(parsed, "hf_token", None)
+    return keys, [str(token)] if isinstance(token, str) else []
 
 
 def served_model_name(model_dir: Path, extra: Sequence[str]) -> str:
@@ -193,15 +264,30 @@ def served_model_name(model_dir: Path, extra: Sequence[str]) -> str:
     return str(marker.get("model") or model_dir)
 
 
-def _check_api_keys(extra: Sequence[str], environ: Mapping[str, str], admin: str | None) -> None:
+def check_api_keys(keys: Sequence[str], environ: Mapping[str, str], admin: str | None) -> None:
+    """Refuse an API key equal to the admin token. ``keys``: what vLLM parsed from its
+    arguments (``args.api_key``); without one, vLLM takes VLLM_API_KEY, as here."""
     # vLLM's --api-key guards every /v1 route: a key equal to the admin token would hand the
     # weights to every API user.
-    keys = flag_values(extra, "--api-key") or [environ.get(API_KEY_VAR, "")]
+    keys = [key for key in keys if key] or [environ.get(API_KEY_VAR, "")]
     if admin and any(key.strip() == admin for key in keys):
         raise ServeError(
-            "the API key (--api-key or VLLM_API_KEY) equals the admin token: every API user "
-            "could change the served weights",
+            "the API key (--api-key in any spelling, --config, or VLLM_API_KEY) equals the "
+            "admin token: every API user could change the served weights",
             "use two different secrets, e.g. a new admin token from 'openssl rand -hex 16'",
+        )
+
+
+def check_responses_store(environ: Mapping[str, str]) -> None:
+    """Refuse vLLM's Responses API store: its background responses keep generating after
+    their HTTP call returned, where the switch gate cannot hold them."""
+    if environ.get(RESPONSES_STORE_VAR, "0").strip() not in ("", "0", "false", "False"):
+        raise ServeError(
+            f'{RESPONSES_STORE_VAR} is set: background responses ("background": true) '
+            "would keep generating after their HTTP call returned, outside the switch gate, "
+            "so a canary could probe the unproven set alongside them, or they could make "
+            "every activation fail as busy",
+            f"unset {RESPONSES_STORE_VAR} (vsp serve answers /v1/responses in the foreground only)",
         )
 
 
@@ -261,6 +347,7 @@ def build_launch(
             "none of them authenticated, which would bypass the admin token",
             "unset VLLM_SERVER_DEV_MODE (vsp serve never serves in dev mode)",
         )
+    check_responses_store(environ)
     delta_dir = (delta_dir or delta_dir_for(model_dir)).expanduser().resolve()
     if deltas:
         specs = list(deltas)
@@ -299,7 +386,6 @@ def build_launch(
                 "no admin token: POST /v1/safety/deltas/activate will answer 403 "
                 "(pass --admin-token-file FILE)"
             )
-    _check_api_keys(extra, environ, admin)
     check_server_settings(environ)
     served_name = served_model_name(model_dir, extra)
 
@@ -339,7 +425,15 @@ def build_launch(
     else:
         env.pop(LORA_LABELS_VAR, None)
     argv += list(extra)
-    return Launch(argv, env, paths, model_dir, delta_dir, notes, served_name)
+    # vLLM's own parser says which API keys the server will take (every spelling, repeats,
+    # --config); the API-server plugin checks the same again on what vLLM really parsed.
+    parsed = vllm_secrets(argv[3:])
+    keys, others = parsed or (flag_values_any(extra, "--api-key"), [])
+    check_api_keys(keys, environ, admin)
+    secrets = [*keys, *others, environ.get(API_KEY_VAR, ""), admin or ""]
+    # Longest first, so that no secret is left half-printed by a shorter one inside it.
+    secrets = sorted({value.strip() for value in secrets if value.strip()}, key=len, reverse=True)
+    return Launch(argv, env, paths, model_dir, delta_dir, notes, served_name, tuple(secrets))
 
 
 def check_server_settings(environ: Mapping[str, str]) -> None:

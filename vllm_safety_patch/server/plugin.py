@@ -111,7 +111,7 @@ def plugin_factory() -> SafetyEndpointPlugin:
 
 
 async def build_state(engine_client: EngineClient | None, args: Namespace) -> SafetyState:
-    from vllm_safety_patch.serve import delta_dir_for
+    from vllm_safety_patch.serve import check_api_keys, check_responses_store, delta_dir_for
 
     if engine_client is not None:
         model = str(engine_client.vllm_config.model_config.model)
@@ -121,13 +121,18 @@ async def build_state(engine_client: EngineClient | None, args: Namespace) -> Sa
     model_dir = Path(model)
     served = (getattr(args, "served_model_name", None) or [model])[0]
     delta_dir = Path(os.environ.get(DELTA_DIR_VAR) or delta_dir_for(model_dir))
+    # Refuses to start on an unreadable or weak token: failing closed beats an admin route
+    # that silently turned into "no token configured".
+    admin_token = read_admin_token()
+    # What vLLM itself parsed (every spelling of --api-key, repeats, --config FILE), whoever
+    # started the server: the launcher's own check saw only its command line.
+    check_api_keys(list(getattr(args, "api_key", None) or []), os.environ, admin_token)
+    check_responses_store(os.environ)
     safety = SafetyState(
         delta_dir=delta_dir,
         model_dir=model_dir,
         served_model=served,
-        # Refuses to start on an unreadable or weak token: failing closed beats an admin
-        # route that silently turned into "no token configured".
-        admin_token=read_admin_token(),
+        admin_token=admin_token,
         engine=engine_client,
         drain_timeout_s=seconds_from_env(DRAIN_TIMEOUT_VAR, DEFAULT_DRAIN_TIMEOUT_S),
         send_stall_timeout_s=seconds_from_env(SEND_STALL_VAR, DEFAULT_SEND_STALL_TIMEOUT_S),
