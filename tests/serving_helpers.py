@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +145,129 @@ def start_vsp_serve(
         stop_process_group(process)
         raise
     return process, url, seconds
+
+
+# ---------------------------------------------------------------------------------------
+# A stand-in replica (issue 20): one that redirects, lies or answers late
+# ---------------------------------------------------------------------------------------
+
+LISTING = "/v1/safety/deltas"
+CHECK = "/v1/safety/deltas/check"
+ACTIVATE = "/v1/safety/deltas/activate"
+
+
+class Stub:
+    """A replica on 127.0.0.1 that serves one set by name and records every request.
+
+    ``activate`` says how it answers an activation: ``ok``; ``slow`` (answers after
+    ``delay`` s, and its listing reports ``switching`` until then, as vsp serve does);
+    ``nonjson`` (switches, then answers 200 with an HTML page); ``redirect`` (302 to
+    ``location``); ``redirect_all`` redirects every route. ``answers`` replaces any
+    other answer (a lying replica copies a real one's listing and check)."""
+
+    def __init__(
+        self, serving: str, activate: str = "ok", delay: float = 0.0, token: str = ""
+    ) -> None:
+        self.serving = serving
+        self.token = token  # the admin token, to tell where it was sent
+        # (method, path) -> (status, JSON): answers that replace the scripted ones.
+        self.answers: dict[tuple[str, str], tuple[int, dict]] = {}
+        self.activate = activate
+        self.delay = delay
+        self.location = ""
+        self.switching = False
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                stub.handle(self, "GET")
+
+            def do_POST(self) -> None:
+                stub.handle(self, "POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def entry(self, name: str) -> list[dict]:
+        return [{"name": name, "group": name, "fingerprint": "f", "sha256": name}] if name else []
+
+    def listing(self) -> dict:
+        return {
+            "hot_patch": True,
+            "active": self.entry(self.serving),
+            "header": self.serving or "none",
+            "switching": self.switching,
+        }
+
+    def handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = json.loads(handler.rfile.read(length)) if length else None
+        self.requests.append((method, handler.path, dict(handler.headers)))
+        if self.activate == "redirect_all" or (
+            self.activate == "redirect" and handler.path == ACTIVATE
+        ):
+            return self.send(handler, 302, b"", {"Location": self.location})
+        if (method, handler.path) in self.answers and not (
+            handler.path == ACTIVATE and self.activate == "nonjson"
+        ):
+            return self.send(handler, *self.answers[(method, handler.path)])
+        if handler.path == LISTING and method == "GET":
+            return self.send(handler, 200, self.listing())
+        if handler.path == CHECK:
+            target = ",".join(body["deltas"])
+            return self.send(
+                handler,
+                200,
+                {
+                    "changed": target != self.serving,
+                    "requested": self.entry(target),
+                    "requested_header": target or "none",
+                },
+            )
+        if handler.path == ACTIVATE:
+            return self.switch(handler, body)
+        return self.send(handler, 404, {"error": {"message": "no such route"}})
+
+    def switch(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+        target = ",".join(body["deltas"])
+        rollback = body.get("canary") is False
+        if self.activate == "slow" and not rollback:
+            self.switching = True
+            time.sleep(self.delay)  # the client gave up meanwhile; the switch goes on
+            self.switching = False
+        changed, self.serving = target != self.serving, target
+        if self.activate == "nonjson" and not rollback:
+            return self.send(handler, 200, b"<html>switched</html>", {"Content-Type": "text/html"})
+        self.send(handler, 200, {"changed": changed, "header": target or "none", "canary": None})
+
+    def send(
+        self,
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        body: dict | bytes,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        try:
+            handler.send_response(status)
+            for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                handler.send_header(key, value)
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        except OSError:  # the client hung up (timed out)
+            pass
+
+    def saw_token(self, path: str) -> bool:
+        return any(
+            self.token in json.dumps(headers) for _, seen, headers in self.requests if seen == path
+        )

@@ -839,6 +839,69 @@ def test_b_rollout_reaches_every_replica(replica_a: dict, replica_b: dict, files
     assert listing(replica_a)["header"] == listing(replica_b)["header"] == labels["first"]
 
 
+def test_b_a_switch_that_outlasts_its_client_is_waited_for_and_rolled_back(
+    replica_a: dict, replica_b: dict, files: dict
+) -> None:
+    """The client gives up on replica A after 1 s while A's canary runs for seconds: A
+    finishes the switch anyway (issue 20, finding 3a: the old rollout read A's listing
+    mid-switch, reported 'no replica changed' and left A switched). The rollout waits until
+    A's listing stops saying ``switching``, sees the new set and switches A back."""
+    from vllm_safety_patch.server.cli import call
+
+    labels = files["labels"]
+    replicas = [Replica("replica-a", replica_a["url"]), Replica("replica-b", replica_b["url"])]
+    lines: list[str] = []
+    long_canary = {"prompts": 48, "max_tokens": 300}  # seconds on the tiny model
+    result = rollout(
+        replicas, ["bengali"], TOKEN, call, lines.append, long_canary, activate_timeout_s=1.0
+    )
+    log = "\n".join(lines)
+    assert not result.ok and result.failed_replica == "replica-a", log
+    assert "no answer within 1 s" in (result.reason or ""), result.reason
+    assert f"settle   replica-a: serves {labels['bengali']} now" in lines, log
+    assert result.rolled_back == ["replica-a"] and result.consistent, log
+    assert result.final == {"replica-a": labels["first"], "replica-b": labels["first"]}
+    assert "no replica changed (rolled back: replica-a)" in summary(result)
+    assert listing(replica_a)["switching"] is False
+    assert greedy(replica_a) == (replica_a["first_outputs"], {labels["first"]})
+
+
+def test_b_a_replica_answering_non_json_is_rolled_back(
+    replica_a: dict, replica_b: dict, files: dict
+) -> None:
+    """A replica behind something that answers the activation with an HTML page (200):
+    its state is unknown, so the rollout settles it and switches back replica A, which
+    switched before it; no traceback, exit 1 (issue 20, finding 3b)."""
+    from serving_helpers import ACTIVATE, CHECK, LISTING, Stub
+
+    labels = files["labels"]
+    liar = Stub("first", activate="nonjson", token=TOKEN)
+    try:
+        # It copies replica A's answers, so it passes the survey and the check.
+        liar.answers[("GET", LISTING)] = (200, listing(replica_a))
+        status, checked, _ = request(
+            "POST", replica_a["url"] + CHECK, {"deltas": ["bengali"]}, ADMIN
+        )
+        assert status == 200, checked
+        liar.answers[("POST", CHECK)] = (200, checked)
+        fleet_args = [
+            "--url", replica_a["url"], "--name", "replica-a", "--url", liar.url, "--name", "liar",
+            "--token-file", str(files["token_file"]), "--json",
+        ]  # fmt: skip
+        result = run_rollout("bengali", *fleet_args)
+    finally:
+        liar.close()
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 1, output
+    assert "Traceback" not in output and "JSONDecodeError" not in output
+    assert "rollout failed on liar: activate:" in output and "not a JSON object" in output
+    assert f"rollback replica-a: serves {labels['first']} again" in output
+    outcome = json.loads(result.stdout)
+    assert outcome["rolled_back"] == ["replica-a"] and outcome["consistent"] is True
+    assert [path for _, path, _ in liar.requests].count(ACTIVATE) == 1
+    assert listing(replica_a)["header"] == labels["first"]
+
+
 FAKE_KUBECTL = """#!/usr/bin/env bash
 # Stand-in kubectl: records each call; 'get' lists the pods of $FAKE_PODS (name ip port);
 # 'exec POD -c C -- CMD...' runs CMD here (the servers are on this machine's loopback).

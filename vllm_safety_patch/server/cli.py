@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from typer.core import TyperCommand
 
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.server import ADMIN_HEADER
+from vllm_safety_patch.server.rollout import ACTIVATE_TIMEOUT_S, NoAnswerError
 
 if TYPE_CHECKING:
     from vllm_safety_patch.serve import Launch
@@ -165,7 +167,7 @@ def add_serving_commands(app: typer.Typer) -> None:
         for line in effect_lines(launch.deltas):
             error_console.print(line, soft_wrap=True, **PLAIN)
         if dry_run:
-            argv = redact_argv(launch.argv)  # --api-key and the like: never printed
+            argv = redact_argv(launch.argv, launch.secrets)  # keys, tokens: never printed
             print(json.dumps({"argv": argv, "env": launch_env(launch.env)}, indent=2))
             return
         exec_launch(launch)
@@ -178,13 +180,14 @@ def add_serving_commands(app: typer.Typer) -> None:
     @deltas_app.command("list")
     def deltas_list(
         url: UrlOption = DEFAULT_URL,
-        token_file: TokenFileOption = None,
+        # Accepted for old scripts and never read: the listing is open, so the admin token
+        # is never sent to it.
+        token_file: Annotated[Path | None, typer.Option("--token-file", hidden=True)] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the server's JSON")] = False,
     ) -> None:
         """The server's delta folder, which deltas fit its model, and the active set."""
         try:
-            token = admin_token(token_file)
-            status, payload = call("GET", f"{server_root(url)}/v1/safety/deltas", None, token)
+            status, payload = call("GET", f"{server_root(url)}/v1/safety/deltas", None, None)
         except VSPError as error:
             die(error)
         if status != 200:
@@ -228,8 +231,13 @@ def add_serving_commands(app: typer.Typer) -> None:
                 f"{server_root(url)}/v1/safety/deltas/activate",
                 body,
                 token,
-                timeout=900,
+                timeout=ACTIVATE_TIMEOUT_S,
             )
+            if status == 200 and not isinstance(payload.get("header"), str):
+                raise NoAnswerError(
+                    f"the server answered HTTP 200 without naming what it serves: {payload}"[:300],
+                    "point --url at the server itself; check what it serves (vsp deltas list)",
+                )
         except VSPError as error:
             die(error)
         if payload.get("canary"):
@@ -301,6 +309,15 @@ def add_serving_commands(app: typer.Typer) -> None:
         as_json: Annotated[
             bool, typer.Option("--json", help="print the result as JSON at the end")
         ] = False,
+        timeout: Annotated[
+            float,
+            typer.Option(
+                "--timeout",
+                min=0.1,
+                help="seconds to wait for each replica's switch (its canary included); a "
+                "switch still running then is waited for and undone",
+            ),
+        ] = ACTIVATE_TIMEOUT_S,
     ) -> None:
         """Switch every replica to the same set, all or nothing (admin token).
 
@@ -320,7 +337,9 @@ def add_serving_commands(app: typer.Typer) -> None:
         def log(line: str) -> None:
             error_console.print(line, soft_wrap=True, **PLAIN)
 
-        result = rollout(replicas, requested, token, call, log, canary=not no_canary)
+        result = rollout(
+            replicas, requested, token, call, log, not no_canary, activate_timeout_s=timeout
+        )
         if as_json:  # stdout holds the JSON only; the log and the summary go to stderr
             outcome = {**dataclasses.asdict(result), "consistent": result.consistent}
             print(json.dumps(outcome, indent=2))
@@ -430,15 +449,57 @@ def admin_token(token_file: Path | None) -> str | None:
     return os.environ.get("VSP_ADMIN_TOKEN", "").strip() or None
 
 
-def call(
-    method: str, url: str, body: dict | None, token: str | None, timeout: float = 120
-) -> tuple[int, dict]:
-    """(status, JSON body); refusals come back as their JSON, not as exceptions."""
+# The routes that take the admin token; every other call goes without it.
+ADMIN_PATHS = ("/v1/safety/deltas/activate", "/v1/safety/deltas/check")
+_warned_plain: set[str] = set()
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    # Followed, a redirect would carry the Authorization header to wherever it points (even
+    # another host), and turn a POST into a GET that "succeeds": every 3xx is an error.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_RefuseRedirects)
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_warning(url: str) -> str | None:
+    """A warning when ``url`` would carry the admin token unencrypted off this machine."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or is_loopback(parts.hostname):
+        return None
+    return (
+        f"warning: the admin token goes to {parts.netloc} over plain http: anyone on the "
+        "network path can read it and change the served weights; use https (a TLS proxy in "
+        "front of the server) or keep this traffic on a network you trust"
+    )
+
+
+def _headers(url: str, body: dict | None, token: str | None) -> dict[str, str]:
     headers = {"Accept": "application/json"}
-    data = None
     if body is not None:
-        data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
+    # The admin token only goes to the admin routes (the listing is open): no other route,
+    # and no host a reply points to, ever sees it.
+    if token and not urlsplit(url).path.rstrip("/").endswith(ADMIN_PATHS):
+        token = None
+    if token:
+        warning = plain_http_warning(url)
+        if warning and urlsplit(url).netloc not in _warned_plain:
+            _warned_plain.add(urlsplit(url).netloc)
+            error_console.print(warning, soft_wrap=True, **PLAIN)
     # A server started with vLLM's --api-key checks Authorization on every /v1 path: the key
     # (env VLLM_API_KEY, as vLLM reads it) goes there and the admin token in its own header.
     api_key = os.environ.get(API_KEY_VAR, "").strip()
@@ -448,21 +509,68 @@ def call(
             headers[ADMIN_HEADER] = token
     elif token:
         headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _json_object(raw: bytes) -> dict | None:
+    try:
+        payload = json.loads(raw or b"{}")
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def call(
+    method: str, url: str, body: dict | None, token: str | None, timeout: float = 120
+) -> tuple[int, dict]:
+    """(status, JSON body); refusals come back as their JSON, not as exceptions.
+
+    Raises :class:`VSPError` when the server cannot be reached or answers a redirect (never
+    followed), and :class:`NoAnswerError` when the request was sent but no JSON answer came
+    back in ``timeout`` seconds: what it asked for may have happened."""
+    data = json.dumps(body).encode() if body is not None else None
+    headers = _headers(url, body, token)
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return reply.status, json.loads(reply.read() or b"{}")
+        with _opener.open(request, timeout=timeout) as reply:
+            status, raw = reply.status, reply.read()
     except urllib.error.HTTPError as error:
-        raw = error.read()
-        try:
-            return error.code, json.loads(raw or b"{}")
-        except ValueError:
-            return error.code, {"error": {"message": raw.decode(errors="replace")[:500]}}
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
+        if 300 <= error.code < 400:
+            raise _redirect_error(method, url, error.code, error.headers.get("Location")) from None
+        status, raw = error.code, error.read()
+        payload = _json_object(raw)
+        if payload is None:
+            payload = {"error": {"message": raw.decode(errors="replace")[:500]}}
+        return status, payload
+    except urllib.error.URLError as error:  # not connected: nothing was sent
         raise VSPError(
-            f"cannot reach {url} ({reason})", "check --url and that 'vsp serve' is running"
+            f"cannot reach {url} ({error.reason})", "check --url and that 'vsp serve' is running"
         ) from None
+    except OSError as error:  # sent, then timed out or cut off
+        raise NoAnswerError(
+            f"{method} {url} got no answer within {timeout:g} s ({error or type(error).__name__})",
+            "the server may still act on it: check what it serves (vsp deltas list) before "
+            "retrying",
+        ) from None
+    payload = _json_object(raw)
+    if payload is None:
+        shown = " ".join(raw.decode(errors="replace").split())[:80]
+        raise NoAnswerError(
+            f"{method} {url} answered HTTP {status} with a body that is not a JSON object "
+            f"({shown!r}): not a vsp serve server, or something in between rewrote it",
+            "point --url at the server itself; check what it serves (vsp deltas list) before "
+            "retrying",
+        )
+    return status, payload
+
+
+def _redirect_error(method: str, url: str, code: int, location: str | None) -> VSPError:
+    return VSPError(
+        f"{method} {url} answered HTTP {code}, a redirect to {location or '(no Location)'}; "
+        "vsp never follows redirects (one could carry the admin token elsewhere, or turn an "
+        "activation into a GET that changes nothing)",
+        "pass the server's own URL with --url (e.g. its https:// address if it redirects there)",
+    )
 
 
 def refused(status: int, payload: dict, code: int = 2) -> NoReturn:

@@ -90,7 +90,14 @@ class DeltaListResponse(_Body):
     header: str = Field(description="the X-Safety-Deltas value for the active set")
     available: list[DeltaInfo]
     hot_patch: bool = Field(description="whether POST /v1/safety/deltas/activate can work")
-    hot_patch_problem: str | None = None
+    hot_patch_problem: str | None = Field(
+        None, description="why not, in words for any reader (the server log has the detail)"
+    )
+    switching: bool = Field(
+        False,
+        description="an activation or check runs now: the active set may change when it ends "
+        "(a fleet rollout waits for this to clear before it decides what a replica serves)",
+    )
     last_switch: SwitchRecord | None = None
 
 

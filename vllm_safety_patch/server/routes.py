@@ -41,6 +41,7 @@ def _listing(state: SafetyState) -> DeltaListResponse:
         available=state.available(),
         hot_patch=state.engine is not None and state.hot_patch_problem is None,
         hot_patch_problem=state.hot_patch_problem,
+        switching=state.switch_lock.locked(),
         last_switch=state.last_switch,
     )
 
