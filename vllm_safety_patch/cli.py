@@ -673,6 +673,102 @@ def scan_command(
     )
 
 
+@app.command("localize")
+def localize_command(
+    langs: Annotated[
+        str, typer.Option(help="languages to patch (each against its English twins)")
+    ] = "zh,it,vi,ar,ko,th,bn,sw,jv",
+    harmful_rows: Annotated[
+        str, typer.Option(help="MultiJail pairs START-STOP (development rows)")
+    ] = "100-124",
+    everyday_rows: Annotated[
+        str, typer.Option(help="everyday train pairs START-STOP (benign side)")
+    ] = "0-12",
+    probe_rows: Annotated[
+        int, typer.Option(help="harmful and everyday prompts per language for the probe")
+    ] = 64,
+    layers: Annotated[
+        str, typer.Option(help="layers to patch: 'all', 'every2' or a list like 8,12,16")
+    ] = "all",
+    sites: Annotated[
+        str, typer.Option(help="site kinds: resid, dir, dirs, attn, mlp (comma-separated)")
+    ] = "resid,dir,dirs,attn,mlp",
+    opening_tokens: Annotated[int, typer.Option(help="greedy tokens judged per patch")] = 5,
+    reply_tokens: Annotated[
+        int, typer.Option(help="tokens of the unpatched reply (opening verdict agreement)")
+    ] = 40,
+    out: Annotated[Path | None, typer.Option(help="write the whole result as JSON")] = None,
+    model: ModelOption = None,
+) -> None:
+    """Where refusal fails per language: patch the English twin in, one layer and site at a time."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_safety_patch.solver.localize import SITE_KINDS, LocalizeRows, localize
+    from vllm_safety_patch.solver.localize_report import print_localization
+
+    try:
+        kinds = [kind.strip() for kind in sites.split(",") if kind.strip()]
+        unknown = [kind for kind in kinds if kind not in SITE_KINDS]
+        if unknown:
+            raise VSPError(
+                f"unknown site kind(s) {', '.join(unknown)}", f"use {', '.join(SITE_KINDS)}"
+            )
+        rows = LocalizeRows(
+            harmful_ids=_row_span(harmful_rows, "--harmful-rows"),
+            everyday_ids=_row_span(everyday_rows, "--everyday-rows"),
+            probe_harmful_ids=range(0, probe_rows),
+            probe_everyday_ids=range(96, 96 + probe_rows),
+        )
+        model_dir = _model_path(model)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        count = hf_model.config.num_hidden_layers
+        if layers == "all":
+            chosen = list(range(count))
+        elif layers == "every2":
+            chosen = sorted({*range(0, count, 2), count - 1})
+        else:
+            chosen = [int(part) for part in layers.split(",")]
+        if not chosen or min(chosen) < 0 or max(chosen) >= count:
+            raise VSPError(f"--layers {layers}: the model has layers 0..{count - 1}", "fix it")
+        with Progress(*_progress_columns(), console=console) as bar:
+            task = bar.add_task("localize", total=None)
+
+            def report(stage: str, done: int, total: int) -> None:
+                bar.update(task, description=stage, completed=done, total=total)
+
+            result = localize(
+                hf_model,
+                tokenizer,
+                [lang.strip() for lang in langs.split(",") if lang.strip()],
+                rows,
+                chosen,
+                kinds,
+                opening_tokens=opening_tokens,
+                reply_tokens=reply_tokens,
+                progress=report,
+            )
+    except (VSPError, ValueError) as error:
+        _fail(error if isinstance(error, VSPError) else VSPError(str(error), "fix the options"))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_json(), indent=1))
+    print_localization(result, console)
+
+
+def _row_span(text: str, option: str) -> range:
+    try:
+        start, stop = (int(part) for part in text.split("-"))
+    except ValueError:
+        raise VSPError(f"{option} {text!r} is not START-STOP", "write it like 100-124") from None
+    if not 0 <= start < stop:
+        raise VSPError(f"{option} {text}: START must be below STOP", "swap or fix them")
+    return range(start, stop)
+
+
 @app.command("measure")
 def measure_command(
     files: Annotated[list[Path], typer.Argument(help="delta .safetensors file(s)")],

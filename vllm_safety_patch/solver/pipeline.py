@@ -100,6 +100,7 @@ class _LayerCollector:
         self.benign_gram: torch.Tensor | None = None
         self.benign_tokens = 0
         self.other_stash: dict[int, torch.Tensor] = {}  # batch id -> [B, L, k]
+        self.direction: torch.Tensor | None = None  # unit [d]: targets are projected on it
 
     def _moments(self, table: dict[str, ClassMoments], lang: str) -> ClassMoments:
         if lang not in table:
@@ -169,6 +170,8 @@ class _LayerCollector:
                 if twin is None:
                     continue  # its English twin was not loaded (should not happen)
                 target = twin - last[row] @ self.weight.T  # [p, d]
+                if self.direction is not None:
+                    target = (target @ self.direction)[:, None] * self.direction
                 table = self.pair if prompt.role == "harmful_lr" else self.aligned
                 table[prompt.lang].add(x, target)
                 if prompt.role == "harmful_lr":
@@ -178,6 +181,18 @@ class _LayerCollector:
             self.benign_tokens += real.shape[0]
             table = self.decision_twinned if prompt.role == "benign_lr" else self.decision
             self._gram(table, prompt.lang).add(x)
+
+    def set_refusal_direction(self, batches: list[TokenBatch]) -> None:
+        """English harmful minus harmless mean of the residual stream after this layer (base
+        weights for this layer), at the paired positions: the direction refusal is written on."""
+        harmful, harmless = [], []
+        for batch in batches:
+            last = batch.last_rows(batch.hidden.float(), self.positions)  # [B, p, d]
+            for row, item in enumerate(batch.items):
+                role = self.english[item].role
+                (harmful if role == "harmful_en" else harmless).append(last[row])
+        direction = torch.cat(harmful).mean(0) - torch.cat(harmless).mean(0)
+        self.direction = direction / direction.norm().clamp(min=1e-12)
 
     def statistics(self, languages: list[str], aligning: bool) -> LayerStatistics:
         """The group's statistics. English and each of ``languages`` get their own term in the
@@ -422,6 +437,8 @@ def _solve_pass(
         )
         tick = time.perf_counter()
         english_run.run_layer(collector.observe_english)
+        if settings.target == "refusal-direction":
+            collector.set_refusal_direction(english_batches)
         if settings.neuron_scoring == "within-language":
             # One extra pass over this layer: the neurons must be known before the stash.
             other_run.run_layer(collector.observe_scores, advance=False)

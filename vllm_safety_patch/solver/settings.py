@@ -58,6 +58,14 @@ class SolverSettings(BaseModel):
         description="safety neurons separate harmful from harmless English prompts, or "
         "harmful from harmless prompts within each language (mean Cohen's d over languages)",
     )
+    target: Literal["twin", "refusal-direction"] = Field(
+        default="twin",
+        description="what a harmful prompt's edited output is moved towards: its English "
+        "twin's whole down_proj output ('twin'), or only that output's component along the "
+        "English refusal direction of the layer's residual stream ('refusal-direction': "
+        "English harmful minus harmless mean at the paired positions), so the edit writes "
+        "refusal and leaves what carries the language alone",
+    )
     ridge: float = Field(default=1e-3, ge=0, description="ridge mu, relative to the pair trace")
     null_space_energy: float = Field(
         default=0.99, gt=0, lt=1, description="benign energy removed by the projection"
