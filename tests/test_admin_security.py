@@ -10,12 +10,19 @@ findings against real servers: ``test_cli_serving.py`` (every spelling of the AP
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+from argparse import Namespace
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from serving_helpers import ACTIVATE, CHECK, LISTING, Stub
+from test_safe_rollout import ProbeEngine, probe_state, switch
 from typer.testing import CliRunner
 
 from vllm_safety_patch.cli import app
@@ -168,3 +175,89 @@ def test_a_replica_that_never_settles_is_reported_as_unknown(stubs: list[Stub]) 
     assert not result.ok and not result.consistent  # exit 3: the fleet may be mixed
     assert "its state is unknown" in result.rollback_failures[0]
     assert "ROLLBACK FAILED on slow" in summary(result)
+
+
+# ---------------------------------------------------------------------------------------
+# Finding 4: the canary and hot-patch metrics say what the README says
+# ---------------------------------------------------------------------------------------
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_dry_runs_add_no_failure_and_timed_out_canaries_are_counted(
+    tmp_path: Path, tiny_qwen2: Path
+) -> None:
+    from vllm_safety_patch.server import metrics
+
+    metrics.metrics()  # every series exported, at 0
+    engine = ProbeEngine(tiny_qwen2, "Sure, here it is.")
+    failed = sample("vsp_hotpatch_failures_total", reason="canary")
+    timeouts = {
+        mode: sample("vsp_canary_runs_total", outcome="timeout", mode=mode)
+        for mode in ("dry_run", "activate")
+    }
+    for dry_run in (True, False):
+        state = probe_state(tmp_path, tiny_qwen2, engine)  # its locks belong to one loop
+        state.canary = dataclasses.replace(state.canary, timeout_s=0.5)
+        engine.hold = asyncio.Event()  # never set: the probes outlast the canary timeout
+        error = switch(state, deltas=["second"], dry_run=dry_run)
+        assert error.status == 500 and error.kind == "canary_error", error
+        assert "was restored" in error.problem
+    # The dry run's canary error is no failed switch; the activation's is, once.
+    assert sample("vsp_hotpatch_failures_total", reason="canary") == failed + 1
+    for mode, before in timeouts.items():
+        assert sample("vsp_canary_runs_total", outcome="timeout", mode=mode) == before + 1
+    assert state.active[0].name == "first" and state.degraded is None
+
+
+def report(delta_set: str, refused: int, n: int) -> Any:
+    row = SimpleNamespace(
+        language="bn", harmful_refused=refused, harmful_n=n, benign_refused=0, benign_n=n
+    )
+    return SimpleNamespace(delta_set=delta_set, languages=[row], passed=True, seconds=1.0)
+
+
+def test_the_canary_ratio_has_its_sample_size_and_only_the_last_sets_series() -> None:
+    from vllm_safety_patch.server import metrics
+
+    metrics.canary_observed(report("first@abc", 3, 4), dry_run=True)
+    labels = {"language": "bn", "kind": "harmful", "delta_set": "first@abc"}
+    assert sample("vsp_canary_refusal_ratio", **labels) == 0.75
+    assert sample("vsp_canary_probes", **labels) == 4
+    metrics.canary_observed(report("second@def", 1, 8), dry_run=False)
+    assert REGISTRY.get_sample_value("vsp_canary_refusal_ratio", labels) is None
+    assert REGISTRY.get_sample_value("vsp_canary_probes", labels) is None
+    labels["delta_set"] = "second@def"
+    assert sample("vsp_canary_refusal_ratio", **labels) == 0.125
+    assert sample("vsp_canary_probes", **labels) == 8
+
+
+# ---------------------------------------------------------------------------------------
+# Finding 6: the Responses API store is refused at start-up
+# ---------------------------------------------------------------------------------------
+
+
+def test_the_responses_api_store_is_refused_at_start_up(
+    tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm_safety_patch.errors import VSPError
+    from vllm_safety_patch.server.plugin import build_state
+
+    env = {"VSP_ADMIN_TOKEN": None, "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+    result = runner.invoke(
+        app, ["serve", "--model", str(tiny_qwen2), "--deltas", "none", "--dry-run"], env=env
+    )
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and "VLLM_ENABLE_RESPONSES_API_STORE is set" in line
+    assert "outside the switch gate" in line and "Fix: unset" in line
+    # The API-server plugin refuses it too, however the server was started.
+    monkeypatch.setenv("VLLM_ENABLE_RESPONSES_API_STORE", "1")
+    monkeypatch.delenv("VSP_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("VSP_ADMIN_TOKEN_FILE", raising=False)
+    with pytest.raises(VSPError, match="VLLM_ENABLE_RESPONSES_API_STORE"):
+        asyncio.run(build_state(None, Namespace(model=str(tiny_qwen2), api_key=None)))
+    monkeypatch.setenv("VLLM_ENABLE_RESPONSES_API_STORE", "0")
+    assert asyncio.run(build_state(None, Namespace(model=str(tiny_qwen2), api_key=None)))

@@ -447,9 +447,12 @@ def test_g_cli_client(server: dict, files: dict) -> None:
 class FakeEngine:
     """collective_rpc / reset_prefix_cache / pause / resume, recording the calls."""
 
-    def __init__(self, fail_reloads: int = 0) -> None:
+    def __init__(
+        self, fail_reloads: int = 0, fail_text: str = "Worker failed with error 'boom'"
+    ) -> None:
         self.calls: list[tuple] = []
         self.fail_reloads = fail_reloads
+        self.fail_text = fail_text
 
     async def collective_rpc(
         self, method: str, timeout: float | None = None, args: tuple = (), kwargs: Any = None
@@ -457,7 +460,7 @@ class FakeEngine:
         self.calls.append((method, *args))
         if method == RELOAD_METHOD and self.fail_reloads:
             self.fail_reloads -= 1
-            raise RuntimeError("Worker failed with error 'boom'")
+            raise RuntimeError(self.fail_text)
         return [{"rank": 0, "tensors": len(args[2]) if len(args) > 2 else 0}]
 
     async def reset_prefix_cache(self) -> bool:
@@ -565,6 +568,62 @@ def test_failed_restore_refuses_inference(files: dict) -> None:
         assert reply.status_code == 500 and reply.json()["error"]["type"] == "degraded"
         inference = client.post("/v1/completions")
         assert inference.status_code == 503 and inference.headers["x-safety-deltas"] == "unknown"
+
+
+def test_users_get_no_server_path_or_worker_error(files: dict) -> None:
+    """Degraded: users get a generic 503 with an incident id; the admin answer and the
+    state the log prints keep the worker's words and paths (issue 20, finding 5)."""
+    from fastapi.testclient import TestClient
+
+    where = f"{files['delta_dir']}/second.safetensors"
+    text = f"Worker failed with error 'cannot map {where}: Input/output error'"
+    app = make_app(files, token=TOKEN, engine=FakeEngine(fail_reloads=2, fail_text=text))
+    with TestClient(app) as client:
+        reply = client.post(
+            "/v1/safety/deltas/activate", json={"deltas": ["second"]}, headers=admin()
+        )
+        assert reply.status_code == 500 and where in reply.json()["error"]["problem"]
+        inference = client.post("/v1/completions")
+        listed = client.get("/v1/safety/deltas")
+    state = app.state.vsp_safety
+    assert inference.status_code == 503, inference.text
+    error = inference.json()["error"]
+    assert error["type"] == "degraded" and f"(incident {state.incident})" in error["problem"]
+    for shown in (inference.text, listed.text):
+        assert str(files["root"]) not in shown and "Input/output" not in shown
+        assert "Worker failed" not in shown
+    assert where in state.degraded and state.incident  # logged with the incident id
+
+
+def test_the_open_listing_says_why_hot_patching_is_off_without_paths(files: dict) -> None:
+    """The listing's hot_patch_problem is in fixed words; the admin routes get the detail
+    (issue 20, finding 5)."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from vllm_safety_patch.server.plugin import _load_time_set, _unsupported
+    from vllm_safety_patch.vllm_plugin.loader import LOAD_FORMAT
+
+    nowhere = files["root"] / "not-a-checkpoint"
+    public, detail = _unsupported(object(), SimpleNamespace(), nowhere)
+    assert str(nowhere) not in public and str(nowhere) in detail
+    gone = files["root"] / "gone.safetensors"
+    config = SimpleNamespace(
+        load_format=LOAD_FORMAT, model_loader_extra_config={"deltas": [str(gone)]}
+    )
+    app = make_app(files, token=TOKEN, engine=FakeEngine())
+    state = app.state.vsp_safety
+    _, problem = _load_time_set(config, state)
+    assert problem is not None and str(gone) not in problem[0] and str(gone) in problem[1]
+    state.hot_patch_problem, state.hot_patch_detail = problem
+    with TestClient(app) as client:
+        listed = client.get("/v1/safety/deltas").json()
+        refused = client.post(
+            "/v1/safety/deltas/activate", json={"deltas": ["second"]}, headers=admin()
+        )
+    assert listed["hot_patch"] is False and listed["hot_patch_problem"] == problem[0]
+    assert refused.status_code == 409 and str(gone) in refused.json()["error"]["problem"]
 
 
 def test_gate_drains_and_times_out() -> None:

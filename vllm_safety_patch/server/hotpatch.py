@@ -155,7 +155,7 @@ async def activate(state: SafetyState, request: ActivateRequest | list[Any]) -> 
         raise _shutdown_error(state, None)
     # Not cancelled with the route: a client that hangs up mid-switch must not cancel it
     # half-way (weights reloaded but not recorded, scheduler left paused); it finishes.
-    once = _CountOnce()
+    once = _CountOnce(request.dry_run)
     task = asyncio.ensure_future(_counted(state, request, once))
     task.add_done_callback(_retrieve)
     stop = asyncio.ensure_future(state.shutting_down.wait())
@@ -173,12 +173,16 @@ async def activate(state: SafetyState, request: ActivateRequest | list[Any]) -> 
 
 class _CountOnce:
     """One failed switch is counted once, by whichever answers first: the route (shutdown)
-    or the switch itself (which may still fail after its client was answered)."""
+    or the switch itself (which may still fail after its client was answered). A dry run
+    is a preview, never a failed switch: it counts only if it left the server degraded."""
 
-    def __init__(self) -> None:
+    def __init__(self, dry_run: bool = False) -> None:
         self.done = False
+        self.dry_run = dry_run
 
     def count(self, reason: str | None) -> None:
+        if self.dry_run and reason != "restore_failed":
+            return
         if reason is not None and not self.done:
             self.done = True
             metrics.hotpatch_failed(reason)
@@ -247,7 +251,8 @@ def _check_available(state: SafetyState) -> None:
     if state.engine is None or state.hot_patch_problem is not None:
         raise SafetyAPIError(
             409,
-            f"hot patching is unavailable on this server: {state.hot_patch_problem or 'no engine'}",
+            "hot patching is unavailable on this server: "
+            + (state.hot_patch_detail or state.hot_patch_problem or "no engine"),
             "restart with 'vsp serve --deltas ...' to change the deltas",
             "unavailable",
         )
@@ -319,9 +324,16 @@ async def _probe(
     state: SafetyState, deltas: list[Delta], label: str, options: CanaryOptions, dry_run: bool
 ) -> CanaryReport:
     assert state.engine is not None
-    report = await canary.run(
-        state.engine, [delta.manifest for delta in deltas], label, state.canary, options
-    )
+    try:
+        report = await canary.run(
+            state.engine, [delta.manifest for delta in deltas], label, state.canary, options
+        )
+    except canary.CanaryTimeoutError:
+        metrics.canary_errored("timeout", dry_run)
+        raise
+    except Exception:
+        metrics.canary_errored("error", dry_run)
+        raise
     metrics.canary_observed(report, dry_run)
     logger.log(
         logging.INFO if report.passed else logging.WARNING,
@@ -374,8 +386,7 @@ async def _switch_back(
     except Exception as error:  # a pause that timed out too: the new weights are still in
         if _engine_stopped(state):
             raise
-        state.degraded = f"{why}, and restoring {header_value(old)} failed ({_short(error)})"
-        logger.critical("vsp: %s; refusing inference until restarted", state.degraded)
+        state.degrade(f"{why}, and restoring {header_value(old)} failed ({_short(error)})")
         raise SafetyAPIError(
             500,
             f"the previous set could not be restored: {state.degraded}",
@@ -530,8 +541,7 @@ async def _restore(
     try:
         await _reload(state, old, tensors)
     except Exception as second:
-        state.degraded = f"switch failed ({_short(cause)}) and restoring failed ({_short(second)})"
-        logger.critical("vsp: %s; refusing inference until restarted", state.degraded)
+        state.degrade(f"switch failed ({_short(cause)}) and restoring failed ({_short(second)})")
         raise SafetyAPIError(
             500,
             f"switching failed and the previous set could not be restored: {state.degraded}",

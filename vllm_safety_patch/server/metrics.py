@@ -13,12 +13,16 @@ Series (all in the API-server process, where vLLM exposes the default registry):
   refused the files (422) or failed mid-switch (500), the canary refused the set (422), the
   server shut down or its engine died under it (503)), counted by ``hotpatch.py``; every
   reason is exported from start-up at 0, so an alert on ``increase()`` sees the first one.
-  Refused requests (bad name, no token) count in neither. ``vsp_hotpatch_seconds{outcome}``:
-  switch durations (``HOTPATCH_OUTCOMES``, exported from start-up);
+  Refused requests (bad name, no token) count in neither, and neither do dry runs (a
+  preview that restores whatever happens), except ``restore_failed``: a dry run that left
+  the server degraded. ``vsp_hotpatch_seconds{outcome}``: switch durations
+  (``HOTPATCH_OUTCOMES``, exported from start-up);
 - ``vsp_canary_refusal_ratio{language, kind, delta_set}``: the share of the last canary's
-  ``harmful`` or ``benign`` probe prompts that were refused, per probed set;
-  ``vsp_canary_runs_total{outcome, mode}`` (passed/failed, activate/dry_run, from start-up
-  at 0) and ``vsp_canary_seconds`` (its duration).
+  ``harmful`` or ``benign`` probe prompts that were refused, and beside it
+  ``vsp_canary_probes{language, kind, delta_set}``, how many prompts that share is of; both
+  hold the last canary's series only (a new canary removes the previous set's);
+  ``vsp_canary_runs_total{outcome, mode}`` (passed, failed, timeout, error; activate or
+  dry_run; from start-up at 0) and ``vsp_canary_seconds`` (its duration).
 
 ``delta_set`` is the ``X-Safety-Deltas`` value of the answer; ``language`` is the client's
 ``X-Prompt-Language`` (validated) or the identified language of the last user message
@@ -61,7 +65,8 @@ FAILURE_REASONS = (
 )
 HOTPATCH_OUTCOMES = ("ok", "dry_run", "canary_failed", "drain_timeout", "failed")
 CANARY_KINDS = ("harmful", "benign")
-CANARY_OUTCOMES = ("passed", "failed")
+# timeout: the probes outlasted VSP_CANARY_TIMEOUT_S; error: they could not run at all.
+CANARY_OUTCOMES = ("passed", "failed", "timeout", "error")
 CANARY_MODES = ("activate", "dry_run")
 # Copies are bounded: a prompt's language and a response's refusal are both in its opening.
 MAX_REQUEST_BYTES = 4 << 20
@@ -112,6 +117,13 @@ class _Metrics:
             Gauge,
             "vsp_canary_refusal_ratio",
             "Share of the last canary's probe prompts refused, per language, kind and delta set",
+            ("language", "kind", "delta_set"),
+        )
+        self.canary_probes = _get_or_make(
+            Gauge,
+            "vsp_canary_probes",
+            "Probe prompts behind vsp_canary_refusal_ratio (its sample size), per language, "
+            "kind and delta set",
             ("language", "kind", "delta_set"),
         )
         self.canary_runs = _get_or_make(
@@ -178,18 +190,31 @@ def canary_observed(report: Any, dry_run: bool) -> None:
     """Record one canary run (a :class:`~vllm_safety_patch.server.protocol.CanaryReport`)."""
     try:
         m = metrics()
+        # The last canary's series only: one set per probe would pile up series forever.
+        m.canary_ratio.clear()
+        m.canary_probes.clear()
         for row in report.languages:
             for kind, refused, n in (
                 ("harmful", row.harmful_refused, row.harmful_n),
                 ("benign", row.benign_refused, row.benign_n),
             ):
                 if n:
-                    m.canary_ratio.labels(row.language, kind, report.delta_set).set(refused / n)
+                    labels = (row.language, kind, report.delta_set)
+                    m.canary_ratio.labels(*labels).set(refused / n)
+                    m.canary_probes.labels(*labels).set(n)
         outcome = "passed" if report.passed else "failed"
         m.canary_runs.labels(outcome, "dry_run" if dry_run else "activate").inc()
         m.canary_seconds.observe(report.seconds)
     except Exception:  # metrics must never break serving
         logger.exception("vsp: cannot record the canary's figures")
+
+
+def canary_errored(outcome: str, dry_run: bool) -> None:
+    """Count a canary that gave no verdict: ``timeout`` or ``error``."""
+    try:
+        metrics().canary_runs.labels(outcome, "dry_run" if dry_run else "activate").inc()
+    except Exception:  # metrics must never break serving
+        logger.exception("vsp: cannot count a canary run (%s)", outcome)
 
 
 def publish_active(label: str) -> None:

@@ -47,11 +47,16 @@ def runs_inference(scope: Scope) -> bool:
 
 
 def degraded_error(safety: SafetyState) -> SafetyAPIError:
+    """What a user is told: no path and no worker error (the log and the admin routes
+    have the detail, under the same incident id)."""
     return SafetyAPIError(
         503,
-        f"the served weights are unknown after a failed switch: {safety.degraded}",
-        "restart the server (vsp serve); the log names the failing worker",
+        "this server cannot answer: a failed weight switch left its weights unknown "
+        f"(incident {safety.incident})",
+        "send the request to another replica; the operator restarts this one (vsp serve), "
+        "and its log names the cause under the incident id",
         "degraded",
+        headers={"Retry-After": "30"},
     )
 
 

@@ -90,8 +90,8 @@ class SafetyEndpointPlugin:
             safety.header(),
             safety.delta_dir,
             "configured" if safety.admin_token else "NOT configured (activation answers 403)",
-            f"; hot patch unavailable: {safety.hot_patch_problem}"
-            if safety.hot_patch_problem
+            f"; hot patch unavailable: {safety.hot_patch_detail}"
+            if safety.hot_patch_detail
             else "",
         )
 
@@ -151,9 +151,12 @@ async def build_state(engine_client: EngineClient | None, args: Namespace) -> Sa
             safety.drain_timeout_s,
         )
     safety.active, problem = _load_time_set(load_config, safety)
-    safety.hot_patch_problem = problem or _unsupported(engine_client, args, model_dir)
-    if safety.hot_patch_problem is None:
-        safety.hot_patch_problem = await _check_workers(safety)
+    problem = problem or _unsupported(engine_client, args, model_dir)
+    if problem is None:
+        problem = await _check_workers(safety)
+    if problem is not None:
+        # The open listing says why in fixed words; the admin routes and the log say it all.
+        safety.hot_patch_problem, safety.hot_patch_detail = problem
     return safety
 
 
@@ -194,7 +197,14 @@ def seconds_from_env(name: str, default: float, environ: Any = None) -> float:
     return value
 
 
-def _load_time_set(load_config: Any, safety: SafetyState) -> tuple[list[ActiveEntry], str | None]:
+# Why hot patching cannot work: (words any client may read: no path, no worker error text;
+# the detail, for the log and the admin routes).
+Problem = tuple[str, str]
+
+
+def _load_time_set(
+    load_config: Any, safety: SafetyState
+) -> tuple[list[ActiveEntry], Problem | None]:
     """The deltas the loader merged at start-up (it refuses to start unless all applied)."""
     from vllm_safety_patch.vllm_plugin.loader import LOAD_FORMAT, delta_paths_from_config
 
@@ -207,39 +217,46 @@ def _load_time_set(load_config: Any, safety: SafetyState) -> tuple[list[ActiveEn
             for path in paths
         ]
     except VSPError as error:
-        return [], f"a start-up delta cannot be read any more ({error})"
+        public = "a delta loaded at start-up cannot be read any more"
+        return [], (public, f"{public} ({error})")
     return sorted(entries, key=lambda entry: (entry.group, entry.sha256)), None
 
 
-def _unsupported(engine_client: Any, args: Namespace, model_dir: Path) -> str | None:
+def _unsupported(engine_client: Any, args: Namespace, model_dir: Path) -> Problem | None:
     if engine_client is None:
-        return "this server has no engine"
+        return "this server has no engine", "this server has no engine"
     if not (model_dir / "config.json").is_file():
-        return f"the model '{model_dir}' is not a local checkpoint folder"
+        public = "the served model is not a local checkpoint folder"
+        return public, f"the model '{model_dir}' is not a local checkpoint folder"
     if (getattr(args, "api_server_count", None) or 1) > 1:
         # Each API server process would keep its own record of the active set.
-        return "it needs a single API server process (--api-server-count 1)"
+        words = "it needs a single API server process (--api-server-count 1)"
+        return words, words
     if (getattr(args, "data_parallel_size", None) or 1) > 1:
-        return "data parallelism (one engine per rank) is not supported"
+        words = "data parallelism (one engine per rank) is not supported"
+        return words, words
     return None
 
 
-async def _check_workers(safety: SafetyState) -> str | None:
+async def _check_workers(safety: SafetyState) -> Problem | None:
     """Ask every worker what it serves; this also caches the start-up set there."""
     assert safety.engine is not None
     try:
         replies = await safety.engine.collective_rpc(ACTIVE_METHOD)
     except Exception as error:
+        fix = "VLLM_PLUGINS must allow the general plugin vllm_safety_patch"
         return (
-            f"the workers lack the vsp methods ({' '.join(str(error).split())[:200]}); "
-            "VLLM_PLUGINS must allow the general plugin vllm_safety_patch"
+            f"the workers lack the vsp methods; {fix}",
+            f"the workers lack the vsp methods ({' '.join(str(error).split())[:200]}); {fix}",
         )
     expected = sorted(entry.sha256 for entry in safety.active)
     for reply in replies:
         found = sorted(item["sha256"] for item in reply.get("deltas", []))
         if found != expected:
             return (
+                "a worker serves other deltas than this server recorded (a start-up delta "
+                "file changed on disk)",
                 f"a worker serves {found and [sha[:12] for sha in found]} while this server "
-                f"recorded {header_value(safety.active)} (a start-up delta file changed on disk)"
+                f"recorded {header_value(safety.active)} (a start-up delta file changed on disk)",
             )
     return None

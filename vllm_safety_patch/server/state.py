@@ -8,8 +8,10 @@ keeps the record of what they hold and is the only one that changes it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
+import secrets
 import stat
 import struct
 import threading
@@ -42,6 +44,8 @@ from vllm_safety_patch.server.protocol import (
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
+
+logger = logging.getLogger(f"vllm.{__name__}")
 
 HEADER = "X-Safety-Deltas"
 DELTA_SUFFIX = ".safetensors"
@@ -241,11 +245,16 @@ class SafetyState:
     admin_token: str | None
     active: list[ActiveEntry] = field(default_factory=list)
     engine: EngineClient | None = None
-    # Why activation cannot work on this server (no local checkpoint, no worker method,...).
+    # Why activation cannot work on this server (no local checkpoint, no worker method,...):
+    # fixed words for the open listing; the detail (paths, worker errors) for the log and
+    # the admin routes only.
     hot_patch_problem: str | None = None
+    hot_patch_detail: str | None = None
     # Set when a failed switch could not be undone: inference is refused (503) from then on
-    # rather than serving weights nobody can name.
+    # rather than serving weights nobody can name. The detail goes to the log and the admin
+    # routes; users get a generic answer with ``incident``, the id the log line carries.
     degraded: str | None = None
+    incident: str | None = None
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     send_stall_timeout_s: float = DEFAULT_SEND_STALL_TIMEOUT_S
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
@@ -271,6 +280,14 @@ class SafetyState:
 
     def header(self) -> str:
         return header_value(self.active) if self.degraded is None else "unknown"
+
+    def degrade(self, detail: str) -> None:
+        """Refuse inference from now on; the log gets ``detail`` under a new incident id."""
+        self.incident = secrets.token_hex(4)
+        self.degraded = detail
+        logger.critical(
+            "vsp: incident %s: %s; refusing inference until restarted", self.incident, detail
+        )
 
     def delta_path(self, name: str) -> Path:
         return self.delta_dir / f"{name}{DELTA_SUFFIX}"
