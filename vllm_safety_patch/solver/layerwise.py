@@ -137,8 +137,11 @@ class LayerwiseForward:
         self,
         on_down_proj_input: Callable[[TokenBatch, torch.Tensor], None] | None = None,
         advance: bool = True,
+        site: str = "down_proj",
     ) -> int:
-        """Advance every batch through the next layer; report each ``down_proj`` input.
+        """Advance every batch through the next layer; report each ``down_proj`` input (the
+        neurons' activations), or with ``site="mlp"`` each MLP input (the normed residual
+        stream that gate_proj and up_proj read).
 
         ``advance=False`` only reports: the residual streams stay where they were."""
         index = self.next_layer
@@ -150,7 +153,8 @@ class LayerwiseForward:
             def observe(module, args):
                 on_down_proj_input(current["batch"], args[0])
 
-            handle = layer.mlp.down_proj.register_forward_pre_hook(observe)
+            module = layer.mlp if site == "mlp" else layer.mlp.down_proj
+            handle = module.register_forward_pre_hook(observe)
         try:
             for batch in self.batches:
                 current["batch"] = batch

@@ -52,3 +52,20 @@ def top_neurons(scores: torch.Tensor, count: int) -> torch.Tensor:
     # stable ordering: sort by (-score, index) so equal scores never reorder between runs
     order = torch.argsort(-scores, stable=True)[:count]
     return torch.sort(order).values
+
+
+def appendix_b_neurons(harmful: ClassMoments, harmless: ClassMoments, cap: int) -> torch.Tensor:
+    """The paper's safety neurons (appendix B): ``delta`` = harmful minus harmless mean; the
+    union of neurons whose within-layer z-score of ``delta`` exceeds 2 and those whose Cohen's
+    d exceeds 1, both one-sided (harmful > harmless). At most ``cap`` (best d first), at least
+    one, sorted ascending."""
+    delta = harmful.mean() - harmless.mean()
+    z = (delta - delta.mean()) / (delta.std() + 1e-12)
+    pooled = ((harmful.variance() + harmless.variance()) / 2).sqrt()
+    d = delta / (pooled + 1e-6)
+    chosen = torch.nonzero((z > 2.0) | (d > 1.0)).flatten()
+    if chosen.numel() == 0:
+        chosen = torch.argmax(d).reshape(1)
+    if chosen.numel() > cap:
+        chosen = chosen[torch.argsort(-d[chosen], stable=True)[:cap]]
+    return torch.sort(chosen).values

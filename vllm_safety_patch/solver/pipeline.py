@@ -25,6 +25,7 @@ from vllm_safety_patch.delta.io import Delta, TensorEdit
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.models.checkpoint import Checkpoint
 from vllm_safety_patch.solver.closed_form import LayerStatistics, LowRankUpdate, solve_layer
+from vllm_safety_patch.solver.input_edit import InputCollector, apply_rows
 from vllm_safety_patch.solver.layerwise import (
     LayerwiseForward,
     TokenBatch,
@@ -34,10 +35,15 @@ from vllm_safety_patch.solver.layerwise import (
 from vllm_safety_patch.solver.neurons import ClassMoments, separation_scores, top_neurons
 from vllm_safety_patch.solver.prompts import SolveData, SolvePrompt, gather_solve_data
 from vllm_safety_patch.solver.settings import SolveConfig, SolverSettings
+from vllm_safety_patch.solver.statistics import Gram, PairTables, Regression
 
 JOINT_GROUP = "all"
 SOLVE_METHOD = (
     "sequential closed-form reduced-rank ridge on down_proj columns, each group on its own edits"
+)
+INPUT_SOLVE_METHOD = (
+    "sequential closed-form reduced-rank ridge on gate_proj/up_proj rows (the paper's "
+    "Algorithm 1), each group on its own edits"
 )
 Progress = Callable[[str, int, int], None]
 
@@ -59,7 +65,7 @@ class SolveResult:
     blobs: dict[str, bytes]
     neurons: dict[str, dict[int, torch.Tensor]]  # group -> layer -> safety neurons
     timings: SolveTimings
-    singular_values: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    singular_values: dict[str, dict[int | str, list[float]]] = field(default_factory=dict)
 
 
 def _real_rows(batch: TokenBatch, activations: torch.Tensor) -> torch.Tensor:
@@ -67,7 +73,7 @@ def _real_rows(batch: TokenBatch, activations: torch.Tensor) -> torch.Tensor:
     return activations[batch.attention_mask.bool()]
 
 
-class _LayerCollector:
+class _LayerCollector(PairTables):
     """Streams one layer's statistics from down_proj inputs."""
 
     def __init__(
@@ -92,11 +98,11 @@ class _LayerCollector:
         self.twin_outputs: dict[str, torch.Tensor] = {}  # pair -> W a_en [positions, d]
         self.neurons: torch.Tensor | None = None
         self.languages = languages
-        self.pair = {lang: _Regression() for lang in languages}  # harmful -> English twin
-        self.aligned = {lang: _Regression() for lang in languages}  # benign -> English twin
+        self.pair = {lang: Regression() for lang in languages}  # harmful -> English twin
+        self.aligned = {lang: Regression() for lang in languages}  # benign -> English twin
         # Benign decision positions per language: with and without an English twin.
-        self.decision: dict[str, _Gram] = {}
-        self.decision_twinned: dict[str, _Gram] = {}
+        self.decision: dict[str, Gram] = {}
+        self.decision_twinned: dict[str, Gram] = {}
         self.benign_gram: torch.Tensor | None = None
         self.benign_tokens = 0
         self.other_stash: dict[int, torch.Tensor] = {}  # batch id -> [B, L, k]
@@ -152,9 +158,9 @@ class _LayerCollector:
                 self._gram(self.decision, "en").add(last[row])
         return self.neurons
 
-    def _gram(self, table: dict[str, _Gram], lang: str) -> _Gram:
+    def _gram(self, table: dict[str, Gram], lang: str) -> Gram:
         if lang not in table:
-            table[lang] = _Gram(self.neurons.numel())
+            table[lang] = Gram(self.neurons.numel())
         return table[lang]
 
     def observe_other(self, batch: TokenBatch, inputs: torch.Tensor) -> None:
@@ -193,100 +199,6 @@ class _LayerCollector:
                 (harmful if role == "harmful_en" else harmless).append(last[row])
         direction = torch.cat(harmful).mean(0) - torch.cat(harmless).mean(0)
         self.direction = direction / direction.norm().clamp(min=1e-12)
-
-    def statistics(self, languages: list[str], aligning: bool) -> LayerStatistics:
-        """The group's statistics. English and each of ``languages`` get their own term in the
-        decision-position penalty; a language's benign prompts with twins are mapped instead
-        of held when ``aligning``."""
-        pair = _Regression.merge([self.pair[lang] for lang in languages])
-        # Each language's part of the pair term (English, paired with none, gets the mean).
-        total = max(float(torch.trace(pair.gram)), 1e-12) if pair.gram is not None else 1.0
-        shares = {
-            lang: float(torch.trace(self.pair[lang].gram)) / total
-            for lang in languages
-            if self.pair[lang].gram is not None
-        }
-        shares["en"] = 1.0 / max(len(languages), 1)
-        decision, decision_shares = [], []
-        for lang in ["en", *languages]:
-            grams = [self.decision.get(lang)]
-            if lang == "en" or not aligning:
-                grams.append(self.decision_twinned.get(lang))
-            merged = _Gram.merge([gram for gram in grams if gram is not None])
-            if merged is not None:
-                decision.append(merged.mean())
-                decision_shares.append(shares.get(lang, 0.0))
-        aligned = _Regression.merge([self.aligned[lang] for lang in languages])
-        return LayerStatistics(
-            pair_gram=pair.gram,
-            target_cross=pair.cross,
-            benign_gram=self.benign_gram,
-            pairs=pair.count,
-            benign_tokens=self.benign_tokens,
-            decision_grams=tuple(decision),
-            decision_shares=tuple(decision_shares),
-            aligned_gram=aligned.gram,
-            aligned_cross=aligned.cross,
-            aligned=aligned.count,
-        )
-
-
-class _Gram:
-    """Running ``X X^T`` and row count of one language's rows on the safety neurons."""
-
-    def __init__(self, k: int) -> None:
-        self.gram = torch.zeros(k, k, dtype=torch.float64)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.to(torch.float64)
-        self.gram += x.T @ x
-        self.count += x.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        return self.gram / max(self.count, 1)
-
-    @staticmethod
-    def merge(grams: list[_Gram]) -> _Gram | None:
-        if not grams:
-            return None
-        merged = _Gram(grams[0].gram.shape[0])
-        for gram in grams:
-            merged.gram += gram.gram
-            merged.count += gram.count
-        return merged
-
-
-class _Regression:
-    """Running ``X X^T``, ``T X^T`` and count of (activation, target change) rows."""
-
-    def __init__(self) -> None:
-        self.gram: torch.Tensor | None = None
-        self.cross: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        x, target = x.to(torch.float64), target.to(torch.float64)
-        if self.gram is None:
-            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-            self.cross = torch.zeros(target.shape[1], x.shape[1], dtype=torch.float64)
-        self.gram += x.T @ x
-        self.cross += target.T @ x
-        self.count += x.shape[0]
-
-    @staticmethod
-    def merge(parts: list[_Regression]) -> _Regression:
-        merged = _Regression()
-        for part in parts:
-            if part.gram is None:
-                continue
-            if merged.gram is None:
-                merged.gram, merged.cross = part.gram.clone(), part.cross.clone()
-            else:
-                merged.gram += part.gram
-                merged.cross += part.cross
-            merged.count += part.count
-        return merged
 
 
 def _solve(stats: LayerStatistics, settings: SolverSettings) -> LowRankUpdate:
@@ -344,7 +256,7 @@ def solve(
     timings = SolveTimings()
     edits: dict[str, list[TensorEdit]] = {}
     neurons: dict[str, dict[int, torch.Tensor]] = {}
-    spectra: dict[str, dict[int, list[float]]] = {}
+    spectra: dict[str, dict[int | str, list[float]]] = {}
     digests: dict[str, str] = {}
     for number, pass_groups in enumerate(passes):
 
@@ -358,7 +270,8 @@ def solve(
         for name in pass_groups:
             edits[name], neurons[name], spectra[name] = found[name]
 
-    names = [f"model.layers.{layer}.mlp.down_proj.weight" for layer in settings.layers]
+    matrices = settings.input_matrices if settings.edit == "input" else ["down_proj"]
+    names = [f"model.layers.{i}.mlp.{m}.weight" for i in settings.layers for m in matrices]
     base_tensors = checkpoint.get_many(names)
     deltas, blobs = {}, {}
     for group in groups:
@@ -370,7 +283,7 @@ def solve(
             base_tensors=base_tensors,
             edits=edits[group],
             solver={
-                "method": SOLVE_METHOD,
+                "method": SOLVE_METHOD if settings.edit == "output" else INPUT_SOLVE_METHOD,
                 **settings.model_dump(mode="json"),
                 "data": config.data.model_dump(mode="json"),
             },
@@ -420,8 +333,11 @@ def _solve_pass(
     aligning = settings.benign_alignment > 0
     edits: dict[str, list[TensorEdit]] = {name: [] for name in groups}
     chosen: dict[int, torch.Tensor] = {}
-    spectra: dict[str, dict[int, list[float]]] = {name: {} for name in groups}
+    spectra: dict[str, dict[int | str, list[float]]] = {name: {} for name in groups}
     last_layer = max(settings.layers)
+    # Input-side edits are written into the model's weights for the rest of the pass (the
+    # residual stream then moves as serving moves it); ``restore`` undoes them.
+    restore: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []
     for layer in range(last_layer + 1):
         progress("layers", layer, last_layer + 1)
         if layer not in settings.layers:
@@ -429,6 +345,16 @@ def _solve_pass(
             english_run.run_layer()
             other_run.run_layer()
             timings.forward_seconds += time.perf_counter() - tick
+            continue
+        if settings.edit == "input":
+            tick = time.perf_counter()
+            layer_edits, neurons = _input_layer(
+                model, layer, english_run, other_run, data, config, groups, spectra, restore
+            )
+            timings.forward_seconds += time.perf_counter() - tick
+            chosen[layer] = neurons
+            for group in groups:
+                edits[group].extend(layer_edits[group])
             continue
         name = f"model.layers.{layer}.mlp.down_proj.weight"
         weight = model.get_parameter(name).detach().float()
@@ -478,5 +404,61 @@ def _solve_pass(
                 stash = collector.other_stash[id(batch)]
                 batch.hidden = batch.hidden + (stash @ update_t).to(batch.hidden.dtype)
         timings.solve_seconds += time.perf_counter() - tick
+    for module, rows, original in reversed(restore):
+        with torch.no_grad():
+            module.weight[rows] = original
     progress("layers", last_layer + 1, last_layer + 1)
     return {group: (edits[group], dict(chosen), spectra[group]) for group in groups}
+
+
+def _input_layer(
+    model,
+    layer: int,
+    english_run: LayerwiseForward,
+    other_run: LayerwiseForward,
+    data: SolveData,
+    config: SolveConfig,
+    groups: list[str],
+    spectra: dict[str, dict[int | str, list[float]]],
+    restore: list,
+) -> tuple[dict[str, list[TensorEdit]], torch.Tensor]:
+    """The paper's edit at one layer: collect MLP inputs, choose S, solve rows S of each
+    input matrix for every group; with ``sequential`` (one group) write the update into the
+    model and then advance the residual streams through the edited layer."""
+    settings = config.solver
+    languages = sorted({lang for name in groups for lang in config.groups[name]})
+    mlp = decoder_layers(model)[layer].mlp
+    collector = InputCollector(data.english, data.others, mlp, settings.positions, languages)
+    english_run.run_layer(collector.observe_english, advance=False, site="mlp")
+    neurons = collector.choose_neurons(settings.neurons_per_layer, settings.neuron_selection)
+    other_run.run_layer(collector.observe_other, advance=False, site="mlp")
+    aligning = settings.benign_alignment > 0
+    layer_edits: dict[str, list[TensorEdit]] = {group: [] for group in groups}
+    for matrix in settings.input_matrices:
+        module = getattr(mlp, matrix)
+        weight = module.weight.detach().float()
+        target_map = weight[neurons].double()  # [k, hidden]: input change -> pre-activation
+        for group in groups:
+            stats = collector.statistics(config.groups[group], aligning, target_map)
+            if stats.pairs == 0:
+                raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
+            update = _solve(stats, settings)
+            spectra[group][f"{layer}.{matrix}"] = [
+                round(float(v), 6) for v in update.singular_values[:64]
+            ]
+            layer_edits[group].append(
+                TensorEdit.build(
+                    f"model.layers.{layer}.mlp.{matrix}.weight",
+                    tuple(weight.shape),
+                    "rows",
+                    neurons,
+                    update.B.float(),
+                    update.A.float(),
+                )
+            )
+            if settings.sequential and len(groups) == 1:
+                restore.append((module, neurons, module.weight[neurons].detach().clone()))
+                apply_rows(module, neurons, update.dense())
+    english_run.run_layer()
+    other_run.run_layer()
+    return layer_edits, neurons

@@ -23,7 +23,26 @@ class SolverSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     layers: list[int] = Field(
-        default=[8, 11, 14, 17, 20], description="decoder layers whose down_proj is edited"
+        default=[8, 11, 14, 17, 20], description="decoder layers whose MLP is edited"
+    )
+    edit: Literal["output", "input"] = Field(
+        default="output",
+        description="'output': columns S of down_proj, reading the safety neurons' "
+        "activations; 'input' (the paper's edit, Algorithm 1): rows S of the matrices in "
+        "input_matrices, reading the MLP input (the whole normed hidden state), with the "
+        "English twin's pre-activation on S as the target",
+    )
+    input_matrices: list[Literal["gate_proj", "up_proj"]] = Field(
+        default=["gate_proj", "up_proj"],
+        description="with edit = 'input': which matrices' rows S are edited (each solved on "
+        "its own target)",
+    )
+    neuron_selection: Literal["top-k", "appendix-b"] = Field(
+        default="top-k",
+        description="'top-k': the neurons_per_layer best by Cohen's d; 'appendix-b' (the "
+        "paper's): harmful-minus-harmless mean with within-layer z-score > 2, united with "
+        "Cohen's d > 1, both one-sided (harmful > harmless); neurons_per_layer caps the set "
+        "(best d first)",
     )
     neurons_per_layer: int = Field(default=256, gt=0, description="safety neurons kept per layer")
     rank: int = Field(default=32, gt=0, description="rank of each layer's update")
@@ -79,6 +98,13 @@ class SolverSettings(BaseModel):
     batch_size: int = Field(default=16, gt=0)
     max_prompt_tokens: int = Field(default=256, gt=8)
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("input_matrices")
+    @classmethod
+    def _matrices(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("input_matrices must name gate_proj and/or up_proj, once each")
+        return sorted(value)
 
     @field_validator("layers")
     @classmethod

@@ -1,0 +1,122 @@
+"""Running sums the solver streams per layer: Gram matrices and regression cross terms."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_safety_patch.solver.closed_form import LayerStatistics
+
+
+class Gram:
+    """Running ``X X^T`` and row count of one language's rows on the safety neurons."""
+
+    def __init__(self, k: int) -> None:
+        self.gram = torch.zeros(k, k, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        self.gram += x.T @ x
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.gram / max(self.count, 1)
+
+    @staticmethod
+    def merge(grams: list[Gram]) -> Gram | None:
+        if not grams:
+            return None
+        merged = Gram(grams[0].gram.shape[0])
+        for gram in grams:
+            merged.gram += gram.gram
+            merged.count += gram.count
+        return merged
+
+
+class Regression:
+    """Running ``X X^T``, ``T X^T`` and count of (activation, target change) rows."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        x, target = x.to(torch.float64), target.to(torch.float64)
+        if self.gram is None:
+            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.cross = torch.zeros(target.shape[1], x.shape[1], dtype=torch.float64)
+        self.gram += x.T @ x
+        self.cross += target.T @ x
+        self.count += x.shape[0]
+
+    @staticmethod
+    def merge(parts: list[Regression]) -> Regression:
+        merged = Regression()
+        for part in parts:
+            if part.gram is None:
+                continue
+            if merged.gram is None:
+                merged.gram, merged.cross = part.gram.clone(), part.cross.clone()
+            else:
+                merged.gram += part.gram
+                merged.cross += part.cross
+            merged.count += part.count
+        return merged
+
+
+class PairTables:
+    """Per-language tables one layer's collector fills, and the group statistics built from
+    them. Subclasses set every attribute below in ``__init__``."""
+
+    pair: dict[str, Regression]  # harmful -> English twin
+    aligned: dict[str, Regression]  # benign -> English twin
+    decision: dict[str, Gram]  # benign decision positions (no twin)
+    decision_twinned: dict[str, Gram]  # benign decision positions (everyday, with a twin)
+    benign_gram: torch.Tensor | None
+    benign_tokens: int
+
+    def statistics(
+        self, languages: list[str], aligning: bool, target_map: torch.Tensor | None = None
+    ) -> LayerStatistics:
+        """The group's statistics. English and each of ``languages`` get their own term in the
+        decision-position penalty; a language's benign prompts with twins are mapped instead
+        of held when ``aligning``. ``target_map`` (linear) turns stored target rows into the
+        solved ones: ``T X^T`` becomes ``target_map @ T X^T``."""
+        pair = Regression.merge([self.pair[lang] for lang in languages])
+        # Each language's part of the pair term (English, paired with none, gets the mean).
+        total = max(float(torch.trace(pair.gram)), 1e-12) if pair.gram is not None else 1.0
+        shares = {
+            lang: float(torch.trace(self.pair[lang].gram)) / total
+            for lang in languages
+            if self.pair[lang].gram is not None
+        }
+        shares["en"] = 1.0 / max(len(languages), 1)
+        decision, decision_shares = [], []
+        for lang in ["en", *languages]:
+            grams = [self.decision.get(lang)]
+            if lang == "en" or not aligning:
+                grams.append(self.decision_twinned.get(lang))
+            merged = Gram.merge([gram for gram in grams if gram is not None])
+            if merged is not None:
+                decision.append(merged.mean())
+                decision_shares.append(shares.get(lang, 0.0))
+        aligned = Regression.merge([self.aligned[lang] for lang in languages])
+
+        def mapped(cross: torch.Tensor | None) -> torch.Tensor | None:
+            if cross is None or target_map is None:
+                return cross
+            return target_map.to(cross.dtype) @ cross
+
+        return LayerStatistics(
+            pair_gram=pair.gram,
+            target_cross=mapped(pair.cross),
+            benign_gram=self.benign_gram,
+            pairs=pair.count,
+            benign_tokens=self.benign_tokens,
+            decision_grams=tuple(decision),
+            decision_shares=tuple(decision_shares),
+            aligned_gram=aligned.gram,
+            aligned_cross=mapped(aligned.cross),
+            aligned=aligned.count,
+        )
