@@ -701,7 +701,6 @@ def localize_command(
     model: ModelOption = None,
 ) -> None:
     """Where refusal fails per language: patch the English twin in, one layer and site at a time."""
-    import json
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -788,6 +787,17 @@ def measure_command(
     # Literal defaults keep `vsp --help` from importing the data; a test holds them equal to
     # eval.suites (HELD_OUT, REFUSAL_TOKENS, MGSM_TOKENS), where they are defined.
     mgsm_rows: Annotated[str, typer.Option(help="held-out MGSM rows START-STOP")] = "170-200",
+    multijail_rows: Annotated[
+        str,
+        typer.Option(
+            help="MultiJail rows START-STOP: 160-210 are held out (reported figures); a "
+            "development solve that fits on 0-120 can choose on 120-160"
+        ),
+    ] = "160-210",
+    summary: Annotated[
+        Path | None,
+        typer.Option(help="append one JSON line per delta (every figure) to compare options"),
+    ] = None,
     refusal_tokens: Annotated[int, typer.Option(help="tokens generated per harmful prompt")] = 40,
     mgsm_tokens: Annotated[int, typer.Option(help="tokens generated per MGSM problem")] = 320,
     baseline_cache: Annotated[
@@ -816,7 +826,12 @@ def measure_command(
                 "use 'test' (reported figures) or 'val' (comparing solver settings)",
             )
         )
+    try:
+        multijail_ids = _row_span(multijail_rows, "--multijail-rows")
+    except VSPError as error:
+        _fail(error)
     settings = EffectSettings(
+        multijail_ids=(multijail_ids.start, multijail_ids.stop),
         harmless_val=harmless_val,
         everyday_rows=everyday,
         everyday_split=everyday_split,
@@ -865,6 +880,16 @@ def measure_command(
             (samples / f"{delta.group}.json").write_text(
                 json.dumps(dump, ensure_ascii=False, indent=1)
             )
+        if summary is not None:
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            line = {
+                "file": str(file),
+                "group": delta.group,
+                "solver": delta.manifest.solver,
+                "rows": [row.model_dump(mode="json") for row in rows],
+            }
+            with summary.open("a") as handle:
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
         if write:
             manifest = delta.manifest.model_copy(update={"measured_effect": rows})
             write_delta(file, manifest, delta.edits)
