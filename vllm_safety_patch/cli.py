@@ -733,6 +733,14 @@ def localize_command(
             chosen = [int(part) for part in layers.split(",")]
         if not chosen or min(chosen) < 0 or max(chosen) >= count:
             raise VSPError(f"--layers {layers}: the model has layers 0..{count - 1}", "fix it")
+
+        def save(partial) -> None:
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(partial.to_json(), indent=1, ensure_ascii=False))
+            if not console.is_terminal:  # a log shows each language as it ends
+                print(f"localize: {', '.join(partial.languages)} done, {partial.seconds:.0f} s")
+
         with Progress(*_progress_columns(), console=console) as bar:
             task = bar.add_task("localize", total=None)
 
@@ -749,12 +757,11 @@ def localize_command(
                 opening_tokens=opening_tokens,
                 reply_tokens=reply_tokens,
                 progress=report,
+                on_language=save,
             )
     except (VSPError, ValueError) as error:
         _fail(error if isinstance(error, VSPError) else VSPError(str(error), "fix the options"))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result.to_json(), indent=1))
+    save(result)
     print_localization(result, console)
 
 

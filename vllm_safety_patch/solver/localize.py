@@ -298,13 +298,15 @@ def localize(
     opening_tokens: int = 5,
     reply_tokens: int = 40,
     progress: Progress = _no_progress,
+    on_language: Callable[[LocalizeResult], None] | None = None,
 ) -> LocalizeResult:
+    """Patch every site for each language in turn; ``on_language`` gets the result so far
+    after each language (a long run saves what it has)."""
     started = time.perf_counter()
     num_layers = len(decoder_layers(model))
     sites = [Site(kind, layer) for kind in kinds for layer in layers]
 
     # Probe rows: the last-token residual stream at every layer, no patch.
-    progress("probe", 0, len(languages) + 1)
     english_harm = [p.text for p in load_prompts("multijail", "en", ids=rows.probe_harmful_ids)]
     english_day = [
         p.text for p in load_prompts("everyday", "en", "train", ids=rows.probe_everyday_ids)
@@ -314,8 +316,8 @@ def localize(
     direction = en_harm.mean(0) - en_day.mean(0)  # [layers, d]
     units = direction / direction.norm(dim=-1, keepdim=True)
     en_gap = ((en_harm.mean(0) - en_day.mean(0)) * units).sum(-1)
-    results: dict[str, LanguageResult] = {}
-    for number, lang in enumerate(languages, start=1):
+
+    def probed(lang: str) -> LanguageResult:
         harm = [p.text for p in load_prompts("multijail", lang, ids=rows.probe_harmful_ids)]
         day = [p.text for p in load_prompts("everyday", lang, "train", ids=rows.probe_everyday_ids)]
         states = _last_token_states(model, tokenizer, harm + day, 8)
@@ -326,12 +328,26 @@ def localize(
         ]
         gap = ((h.mean(0) - b.mean(0)) * units).sum(-1) / en_gap
         result.direction_share = [round(float(v), 3) for v in gap]
-        results[lang] = result
-        progress("probe", number, len(languages) + 1)
+        return result
 
     patcher = _Patcher(model, tokenizer, sites, opening_tokens)
     patcher.hooks.directions = units
     english_refused = SiteCounts()
+    result_so_far = LocalizeResult(
+        layers=num_layers,
+        sites=[site_key(site) for site in sites],
+        languages={},
+        english_refused=english_refused,
+        settings={
+            "harmful_ids": _span(rows.harmful_ids),
+            "everyday_ids": _span(rows.everyday_ids),
+            "probe_harmful_ids": _span(rows.probe_harmful_ids),
+            "probe_everyday_ids": _span(rows.probe_everyday_ids),
+            "decision_positions": patcher.positions,
+            "opening_tokens": opening_tokens,
+            "reply_tokens": reply_tokens,
+        },
+    )
     try:
         harmful_pairs = {
             lang: load_pairs("multijail", lang, ids=rows.harmful_ids) for lang in languages
@@ -360,7 +376,7 @@ def localize(
         total = sum(len(refused_twins) + len(everyday_pairs[lang]) for lang in languages)
         done = 0
         for lang in languages:
-            result = results[lang]
+            result = probed(lang)
             for kind, pairs, table in (
                 ("h", harmful_pairs[lang], result.harmful),
                 ("b", everyday_pairs[lang], result.benign),
@@ -382,24 +398,13 @@ def localize(
                         )
                     done += 1
                     progress("patch", done, total)
+            result_so_far.languages[lang] = result
+            result_so_far.seconds = round(time.perf_counter() - started, 1)
+            if on_language is not None:
+                on_language(result_so_far)
     finally:
         patcher.hooks.close()
-    return LocalizeResult(
-        layers=num_layers,
-        sites=[site_key(site) for site in sites],
-        languages=results,
-        english_refused=english_refused,
-        settings={
-            "harmful_ids": _span(rows.harmful_ids),
-            "everyday_ids": _span(rows.everyday_ids),
-            "probe_harmful_ids": _span(rows.probe_harmful_ids),
-            "probe_everyday_ids": _span(rows.probe_everyday_ids),
-            "decision_positions": patcher.positions,
-            "opening_tokens": opening_tokens,
-            "reply_tokens": reply_tokens,
-        },
-        seconds=round(time.perf_counter() - started, 1),
-    )
+    return result_so_far
 
 
 def _span(ids: Sequence[int]) -> str:
