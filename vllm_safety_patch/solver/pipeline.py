@@ -37,7 +37,6 @@ from vllm_safety_patch.solver.prompts import SolveData, SolvePrompt, gather_solv
 from vllm_safety_patch.solver.settings import SolveConfig, SolverSettings
 from vllm_safety_patch.solver.statistics import Gram, PairTables, Regression
 
-JOINT_GROUP = "all"
 SOLVE_METHOD = (
     "sequential closed-form reduced-rank ridge on down_proj columns, each group on its own edits"
 )
@@ -312,11 +311,6 @@ def _solve_pass(
     """One layer-by-layer pass over ``data``, solving ``groups`` at every edited layer."""
     settings = config.solver
     languages = sorted({lang for name in groups for lang in config.groups[name]})
-    # The update that moves the residual stream between layers: the group's own when the pass
-    # has one group; 'all' (else the union) when groups share a pass (sequential = false).
-    joint_languages = (
-        config.groups.get(JOINT_GROUP, languages) if JOINT_GROUP in groups else languages
-    )
     english_batches = tokenize_chats(
         tokenizer, [p.text for p in data.english], settings.batch_size, settings.max_prompt_tokens
     )
@@ -392,11 +386,8 @@ def _solve_pass(
                     update.A.float(),
                 )
             )
-        if settings.sequential:
-            joint = updates.get(JOINT_GROUP) if len(groups) > 1 else updates[groups[0]]
-            if joint is None:
-                joint = _solve(collector.statistics(joint_languages, aligning), settings)
-            update_t = joint.dense().float().T  # [k, d]
+        if settings.sequential:  # one group per pass: move the streams by its update
+            update_t = updates[groups[0]].dense().float().T  # [k, d]
             for batch in english_batches:
                 stash = collector.english_stash[id(batch)][..., neurons]
                 batch.hidden = batch.hidden + (stash @ update_t).to(batch.hidden.dtype)
