@@ -693,7 +693,9 @@ def localize_command(
     sites: Annotated[
         str, typer.Option(help="site kinds: resid, dir, dirs, attn, mlp (comma-separated)")
     ] = "resid,dir,dirs,attn,mlp",
-    opening_tokens: Annotated[int, typer.Option(help="greedy tokens judged per patch")] = 5,
+    # 8: the judge needs "I'm sorry, but" (5 tokens) or "作为一个AI助手，我不能" (7); with 4 it
+    # missed every Chinese refusal.
+    opening_tokens: Annotated[int, typer.Option(help="greedy tokens judged per patch")] = 8,
     reply_tokens: Annotated[
         int, typer.Option(help="tokens of the unpatched reply (opening verdict agreement)")
     ] = 40,

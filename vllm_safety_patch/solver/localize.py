@@ -295,7 +295,7 @@ def localize(
     rows: LocalizeRows,
     layers: list[int],
     kinds: Sequence[str] = SITE_KINDS,
-    opening_tokens: int = 5,
+    opening_tokens: int = 8,
     reply_tokens: int = 40,
     progress: Progress = _no_progress,
     on_language: Callable[[LocalizeResult], None] | None = None,
