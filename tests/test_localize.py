@@ -132,3 +132,33 @@ def test_refusal_direction_target_writes_along_one_direction(tiny_qwen2: Path) -
     values = torch.linalg.svdvals(edit.update().double())
     assert values[0] > 0 and float(values[1] / values[0]) < 1e-5
     assert result.deltas["all"].manifest.solver["target"] == "refusal-direction"
+
+
+def test_a_saved_result_renders_as_markdown(tmp_path: Path, capsys) -> None:
+    import json
+
+    from vllm_safety_patch.solver.localize_report import main
+
+    counts = {"refused": 1, "total": 2}
+    result = {
+        "layers": 2,
+        "sites": ["resid:1"],
+        "languages": {
+            "zh": {
+                "harmful": {"none": counts, "resid:1": {"refused": 2, "total": 2}},
+                "benign": {"none": {"refused": 0, "total": 2}, "resid:1": counts},
+                "opening_agreement": {"refused": 2, "total": 2},
+                "probe_accuracy": [0.5, 0.9],
+                "direction_share": [0.1, 0.8],
+                "samples": [],
+            }
+        },
+        "english_refused": counts,
+        "settings": {},
+        "seconds": 1.0,
+    }
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result))
+    main([str(path)])
+    out = capsys.readouterr().out
+    assert "| resid:1 | 100 |" in out and "| resid:1 | 50 |" in out and "| 1 | 0.90 |" in out

@@ -112,3 +112,19 @@ def markdown_tables(result: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vllm_safety_patch.solver.localize_report RESULT.json``: Markdown tables."""
+    import json
+    import sys
+    from pathlib import Path
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m vllm_safety_patch.solver.localize_report RESULT.json")
+    sys.stdout.write(markdown_tables(json.loads(Path(args[0]).read_text())))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
