@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from solver_helpers import last_token_input
 
 from vllm_safety_patch.delta.io import read_delta, write_delta
 from vllm_safety_patch.delta.merge import edit_weight
@@ -29,19 +30,7 @@ def input_config(**solver: object) -> SolveConfig:
 
 
 def _mlp_input(model, tokenizer, text: str, layer: int) -> torch.Tensor:
-    captured = {}
-    mlp = model.model.layers[layer].mlp
-    handle = mlp.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
-    with torch.no_grad():
-        model(input_ids=ids)
-    handle.remove()
-    return captured["x"][0, -1].double()
+    return last_token_input(model, tokenizer, text, model.model.layers[layer].mlp)
 
 
 @pytest.mark.parametrize("architecture", ["tiny_qwen2", "tiny_llama"])

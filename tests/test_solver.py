@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from solver_helpers import last_token_input
 
 from vllm_safety_patch.errors import DataError, VSPError
 from vllm_safety_patch.solver.closed_form import (
@@ -91,19 +92,7 @@ def test_solve_is_deterministic_byte_for_byte(tiny_qwen2: Path) -> None:
 
 
 def _last_token_down_proj_input(model, tokenizer, text: str, layer: int) -> torch.Tensor:
-    captured = {}
-    module = model.model.layers[layer].mlp.down_proj
-    handle = module.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
-    with torch.no_grad():
-        model(input_ids=ids)
-    handle.remove()
-    return captured["x"][0, -1].double()
+    return last_token_input(model, tokenizer, text, model.model.layers[layer].mlp.down_proj)
 
 
 @pytest.mark.parametrize("architecture", ["tiny_qwen2", "tiny_llama"])
