@@ -5,11 +5,13 @@ vLLM fuses ``gate_proj`` + ``up_proj`` into ``gate_up_proj`` and shards it (and
 tensors before that happens, and the hot patch reloads HF-named tensors through vLLM's own
 reload, so both should be correct under TP by construction. Checked here on the tiny random
 Qwen2 (intermediate size 192: 96 neurons per rank) with a delta whose neurons S fall in both
-ranks' halves, editing rows S of gate_proj and up_proj (and columns S of down_proj):
+ranks' halves, editing rows S of gate_proj and up_proj (and columns S of down_proj), and
+columns of the attention output ``o_proj`` in both ranks' heads:
 
-* each rank's ``gate_up_proj`` / ``down_proj`` computes with exactly its slice of the merged
-  checkpoint's tensors (digests of the weights read back from the live layers), after the
-  load and after every switch: the bytes a TP=2 engine on the merged checkpoint would hold;
+* each rank's ``gate_up_proj`` / ``down_proj`` / ``o_proj`` computes with exactly its slice
+  of the merged checkpoint's tensors (digests of the weights read back from the live
+  layers), after the load and after every switch: the bytes a TP=2 engine on the merged
+  checkpoint would hold;
 * ``--load-format vsp`` at TP=2 gives the greedy tokens of the merged checkpoint served at
   TP=1, with logprobs within rounding (the all-reduce sums in another order), and not the
   base model's tokens;
@@ -98,20 +100,23 @@ def strong_edit(
 
 def tp_delta(model: Path) -> bytes:
     """Layer 0: rows S of gate_proj and up_proj and columns S of down_proj (the same S).
-    Layer 1: rows of up_proj only (the unchanged gate_proj half shares its fused shard).
+    Layer 1: rows of up_proj only (the unchanged gate_proj half shares its fused shard), and
+    columns of self_attn.o_proj in both ranks' heads (the attention-output edit).
     Layer 2: rows S of gate_proj and up_proj only (the paper's input-side edit)."""
     checkpoint = Checkpoint(model)
     intermediate = checkpoint.config["intermediate_size"]
+    hidden = checkpoint.config["hidden_size"]
     plan = {
-        0: (("gate_proj", "rows"), ("up_proj", "rows"), ("down_proj", "columns")),
-        1: (("up_proj", "rows"),),
-        2: (("gate_proj", "rows"), ("up_proj", "rows")),
+        0: (("mlp.gate_proj", "rows"), ("mlp.up_proj", "rows"), ("mlp.down_proj", "columns")),
+        1: (("mlp.up_proj", "rows"), ("self_attn.o_proj", "columns")),
+        2: (("mlp.gate_proj", "rows"), ("mlp.up_proj", "rows")),
     }
     edits = []
     for layer, parts in plan.items():
-        neurons = neurons_in_both_halves(intermediate, seed=10 + layer)
         for index, (module, axis) in enumerate(parts):
-            name = f"model.layers.{layer}.mlp.{module}.weight"
+            size = hidden if module == "self_attn.o_proj" else intermediate
+            neurons = neurons_in_both_halves(size, seed=10 + layer)
+            name = f"model.layers.{layer}.{module}.weight"
             edits.append(strong_edit(checkpoint, name, axis, neurons, seed=100 * layer + index))
     return build_delta(
         group="tp",
@@ -130,18 +135,19 @@ def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()
 
 
-def vllm_mlp_modules() -> list[str]:
+def vllm_linear_modules() -> list[str]:
     return [
-        f"model.layers.{layer}.mlp.{module}"
+        f"model.layers.{layer}.{module}"
         for layer in LAYERS
-        for module in ("gate_up_proj", "down_proj")
+        for module in ("mlp.gate_up_proj", "mlp.down_proj", "self_attn.o_proj")
     ]
 
 
 def expected_shards(model: Path, tp: int) -> list[dict[str, str]]:
-    """Per rank, the digests of its ``gate_up_proj`` and ``down_proj`` weights if it holds
-    its slice of ``model``'s tensors: [gate rows of the rank; up rows of the rank] and the
-    rank's columns of down_proj (vLLM's MergedColumnParallelLinear / RowParallelLinear)."""
+    """Per rank, the digests of its ``gate_up_proj``, ``down_proj`` and ``o_proj`` weights if
+    it holds its slice of ``model``'s tensors: [gate rows of the rank; up rows of the rank]
+    and the rank's columns of down_proj and o_proj (vLLM's MergedColumnParallelLinear /
+    RowParallelLinear)."""
     checkpoint = Checkpoint(model)
     shards: list[dict[str, str]] = [{} for _ in range(tp)]
     for layer in LAYERS:
@@ -155,6 +161,11 @@ def expected_shards(model: Path, tp: int) -> list[dict[str, str]]:
             fused = torch.cat([gate[part], up[part]])
             shards[rank][f"{prefix}.gate_up_proj"] = digest(fused)
             shards[rank][f"{prefix}.down_proj"] = digest(down[:, part])
+        o_proj = checkpoint.get(f"model.layers.{layer}.self_attn.o_proj.weight")
+        width = o_proj.shape[1] // tp
+        for rank in range(tp):
+            columns = o_proj[:, rank * width : (rank + 1) * width]
+            shards[rank][f"model.layers.{layer}.self_attn.o_proj"] = digest(columns)
     return shards
 
 
@@ -178,14 +189,17 @@ def test_the_delta_edits_both_ranks_halves_of_gate_and_up(files: dict) -> None:
     down = delta.edits[f"{layer0}.down_proj.weight"]
     assert (gate.spec.axis, up.spec.axis, down.spec.axis) == ("rows", "rows", "columns")
     assert torch.equal(gate.neurons, up.neurons) and torch.equal(gate.neurons, down.neurons)
+    hidden = Checkpoint(files["model"]).config["hidden_size"]
     for edit in delta.edits.values():
-        per_rank = torch.bincount(edit.neurons // (intermediate // TP), minlength=TP)
+        size = hidden if "self_attn" in edit.name else intermediate
+        per_rank = torch.bincount(edit.neurons // (size // TP), minlength=TP)
         assert per_rank.tolist() == [K_PER_RANK] * TP, edit.name
     # Every rank's shard differs between base and merged: the edit is visible on each rank.
     base, merged = expected_shards(files["model"], TP), expected_shards(files["merged"], TP)
+    o_proj = "model.layers.1.self_attn.o_proj"
+    assert delta.edits[f"{o_proj}.weight"].spec.axis == "columns"
     for rank in range(TP):
-        for layer in LAYERS:
-            name = f"model.layers.{layer}.mlp.gate_up_proj"
+        for name in [f"model.layers.{layer}.mlp.gate_up_proj" for layer in LAYERS] + [o_proj]:
             assert base[rank][name] != merged[rank][name], (rank, name)
 
 
@@ -318,9 +332,10 @@ def test_hot_patch_back_to_delta_at_tp2_equals_load_time_merge(engines: dict, fi
 
 def _shard_digests(worker: Any, modules: list[str]) -> dict[str, Any]:
     """Runs inside each vLLM worker (sent by ``collective_rpc``): digests of the weights its
-    MLP linear layers compute with. vLLM's CPU backend repacks each weight for oneDNN and
-    leaves an empty ``weight`` parameter, so the weight is read back through the layer's own
-    GEMM: ``apply(I) = I @ W.T`` gives W's values exactly (each a sum of one product by 1)."""
+    MLP and attention-output linear layers compute with. vLLM's CPU backend repacks each
+    weight for oneDNN and leaves an empty ``weight`` parameter, so the weight is read back
+    through the layer's own GEMM: ``apply(I) = I @ W.T`` gives W's values exactly (each a
+    sum of one product by 1)."""
     from vllm.distributed import (
         get_tensor_model_parallel_rank,
         get_tensor_model_parallel_world_size,
@@ -364,7 +379,7 @@ def _run_engines(spec_path: str, result_path: str) -> None:
     from vllm import LLM
 
     spec = json.loads(Path(spec_path).read_text())
-    names = vllm_mlp_modules()
+    names = vllm_linear_modules()
     vsp = {"load_format": "vsp", "model_loader_extra_config": {"deltas": [spec["delta"]]}}
     engines = {
         # name: (model, tensor_parallel_size, extra engine arguments)

@@ -1,6 +1,7 @@
 """Write a delta as an exact PEFT LoRA adapter, for engines that select adapters per request
-(vLLM's multi-LoRA): an update ``B @ A`` on k columns of ``down_proj`` is a LoRA whose ``A``
-is zero outside those columns (and on k rows of gate/up_proj, one whose ``B`` is)."""
+(vLLM's multi-LoRA): an update ``B @ A`` on k columns of ``down_proj`` (or ``o_proj``) is a
+LoRA whose ``A`` is zero outside those columns (and on k rows of gate/up_proj, one whose
+``B`` is)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.filemodes import share_files
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(
+    r"^model\.layers\.(\d+)\.(?:mlp\.(gate_proj|up_proj|down_proj)|self_attn\.(o_proj))\.weight$"
+)
 
 
 def lora_factors(delta: Delta) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -44,11 +47,11 @@ def write_peft_adapter(delta: Delta, base_model_path: str, out_dir: str | Path) 
         match = _LAYER.match(name)
         if not match:
             raise VSPError(
-                f"'{name}' is not an MLP projection of a decoder layer",
+                f"'{name}' is not an MLP projection or attention output of a decoder layer",
                 "export as a merged checkpoint instead (vsp export --format merged)",
             )
         layers.add(int(match.group(1)))
-        modules.add(match.group(2))
+        modules.add(match.group(2) or match.group(3))
         ranks[name.removesuffix(".weight").removeprefix("model.")] = edit.spec.rank
     rank = max(ranks.values())
     tensors = {}

@@ -1,7 +1,7 @@
 """Per-request delta selection: deltas served as vLLM multi-LoRA adapters (``vsp serve --lora``).
 
-A delta is an exact LoRA on ``down_proj`` (``vsp export --format peft``), so vLLM's multi-LoRA
-can apply it per request: the client picks it by model name (the delta's group), while the
+A delta is an exact LoRA on the modules it edits (``vsp export --format peft``), so multi-LoRA
+in vLLM can apply it per request: the client picks it by model name (the delta's group), while the
 merged set (``--deltas``) serves requests for the base model name. The launcher exports each
 adapter once into the cache (keyed by the delta file's sha256) and hands vLLM the flags; the
 API server learns the adapters' labels from ``VSP_LORA_LABELS`` so that the

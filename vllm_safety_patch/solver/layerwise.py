@@ -140,8 +140,9 @@ class LayerwiseForward:
         site: str = "down_proj",
     ) -> int:
         """Advance every batch through the next layer; report each ``down_proj`` input (the
-        neurons' activations), or with ``site="mlp"`` each MLP input (the normed residual
-        stream that gate_proj and up_proj read).
+        neurons' activations), with ``site="mlp"`` each MLP input (the normed residual
+        stream that gate_proj and up_proj read), with ``site="o_proj"`` each attention
+        output projection's input (the heads' outputs, concatenated).
 
         ``advance=False`` only reports: the residual streams stay where they were."""
         index = self.next_layer
@@ -153,7 +154,12 @@ class LayerwiseForward:
             def observe(module, args):
                 on_down_proj_input(current["batch"], args[0])
 
-            module = layer.mlp if site == "mlp" else layer.mlp.down_proj
+            modules = {
+                "down_proj": layer.mlp.down_proj,
+                "mlp": layer.mlp,
+                "o_proj": layer.self_attn.o_proj,
+            }
+            module = modules[site]
             handle = module.register_forward_pre_hook(observe)
         try:
             for batch in self.batches:

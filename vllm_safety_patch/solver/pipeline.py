@@ -40,6 +40,10 @@ from vllm_safety_patch.solver.statistics import Gram, PairTables, Regression
 SOLVE_METHOD = (
     "sequential closed-form reduced-rank ridge on down_proj columns, each group on its own edits"
 )
+ATTENTION_SOLVE_METHOD = (
+    "sequential closed-form reduced-rank ridge on self_attn.o_proj columns (the attention "
+    "output), each group on its own edits"
+)
 INPUT_SOLVE_METHOD = (
     "sequential closed-form reduced-rank ridge on gate_proj/up_proj rows (the paper's "
     "Algorithm 1), each group on its own edits"
@@ -269,8 +273,7 @@ def solve(
         for name in pass_groups:
             edits[name], neurons[name], spectra[name] = found[name]
 
-    matrices = settings.input_matrices if settings.edit == "input" else ["down_proj"]
-    names = [f"model.layers.{i}.mlp.{m}.weight" for i in settings.layers for m in matrices]
+    names = [name for layer in settings.layers for name in _edited_tensors(settings, layer)]
     base_tensors = checkpoint.get_many(names)
     deltas, blobs = {}, {}
     for group in groups:
@@ -282,7 +285,11 @@ def solve(
             base_tensors=base_tensors,
             edits=edits[group],
             solver={
-                "method": SOLVE_METHOD if settings.edit == "output" else INPUT_SOLVE_METHOD,
+                "method": {
+                    "output": SOLVE_METHOD,
+                    "input": INPUT_SOLVE_METHOD,
+                    "attention": ATTENTION_SOLVE_METHOD,
+                }[settings.edit],
                 **settings.model_dump(mode="json"),
                 "data": config.data.model_dump(mode="json"),
             },
@@ -291,6 +298,15 @@ def solve(
         deltas[group], blobs[group] = delta, blob
     timings.total_seconds = time.perf_counter() - started
     return SolveResult(deltas, blobs, neurons, timings, spectra)
+
+
+def _edited_tensors(settings: SolverSettings, layer: int) -> list[str]:
+    """The HF tensor names the chosen edit changes at ``layer``."""
+    if settings.edit == "input":
+        return [f"model.layers.{layer}.mlp.{matrix}.weight" for matrix in settings.input_matrices]
+    if settings.edit == "attention":
+        return [f"model.layers.{layer}.self_attn.o_proj.weight"]
+    return [f"model.layers.{layer}.mlp.down_proj.weight"]
 
 
 def _group_digests(digests: dict[str, str], config: SolveConfig, group: str) -> list[str]:
@@ -329,9 +345,9 @@ def _solve_pass(
     chosen: dict[int, torch.Tensor] = {}
     spectra: dict[str, dict[int | str, list[float]]] = {name: {} for name in groups}
     last_layer = max(settings.layers)
-    # Input-side edits are written into the model's weights for the rest of the pass (the
-    # residual stream then moves as serving moves it); ``restore`` undoes them.
-    restore: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []
+    # Input-side and attention edits are written into the model's weights for the rest of the
+    # pass (the residual stream then moves as serving moves it); ``restore`` undoes them.
+    restore: list[tuple[torch.nn.Linear, torch.Tensor]] = []
     for layer in range(last_layer + 1):
         progress("layers", layer, last_layer + 1)
         if layer not in settings.layers:
@@ -350,20 +366,24 @@ def _solve_pass(
             for group in groups:
                 edits[group].extend(layer_edits[group])
             continue
-        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        # The attention output feeds the same layer's MLP, so its edit cannot be added to the
+        # streams afterwards: collect without advancing, write the update, then advance.
+        attention = settings.edit == "attention"
+        site = "o_proj" if attention else "down_proj"
+        (name,) = _edited_tensors(settings, layer)
         weight = model.get_parameter(name).detach().float()
         collector = _LayerCollector(
             data.english, data.others, english_batches, weight, settings.positions, languages
         )
         tick = time.perf_counter()
-        english_run.run_layer(collector.observe_english)
+        english_run.run_layer(collector.observe_english, advance=not attention, site=site)
         if settings.target == "refusal-direction":
             collector.set_refusal_direction(english_batches)
         if settings.neuron_scoring == "within-language":
             # One extra pass over this layer: the neurons must be known before the stash.
-            other_run.run_layer(collector.observe_scores, advance=False)
+            other_run.run_layer(collector.observe_scores, advance=False, site=site)
         neurons = collector.choose_neurons(settings.neurons_per_layer, settings.neuron_scoring)
-        other_run.run_layer(collector.observe_other)
+        other_run.run_layer(collector.observe_other, advance=not attention, site=site)
         timings.forward_seconds += time.perf_counter() - tick  # includes hook time
 
         tick = time.perf_counter()
@@ -386,7 +406,15 @@ def _solve_pass(
                     update.A.float(),
                 )
             )
-        if settings.sequential:  # one group per pass: move the streams by its update
+        if attention:
+            if settings.sequential:  # one group per pass: serve its update for the rest
+                module = model.get_submodule(name.removesuffix(".weight"))
+                restore.append((module, module.weight.detach().clone()))
+                with torch.no_grad():
+                    module.weight[:, neurons] += updates[groups[0]].dense().to(module.weight.dtype)
+            english_run.run_layer()
+            other_run.run_layer()
+        elif settings.sequential:  # one group per pass: move the streams by its update
             update_t = updates[groups[0]].dense().float().T  # [k, d]
             for batch in english_batches:
                 stash = collector.english_stash[id(batch)][..., neurons]
@@ -395,9 +423,9 @@ def _solve_pass(
                 stash = collector.other_stash[id(batch)]
                 batch.hidden = batch.hidden + (stash @ update_t).to(batch.hidden.dtype)
         timings.solve_seconds += time.perf_counter() - tick
-    for module, rows, original in reversed(restore):
+    for module, original in reversed(restore):
         with torch.no_grad():
-            module.weight[rows] = original
+            module.weight.copy_(original)
     progress("layers", last_layer + 1, last_layer + 1)
     return {group: (edits[group], dict(chosen), spectra[group]) for group in groups}
 
@@ -448,7 +476,7 @@ def _input_layer(
                 )
             )
             if settings.sequential and len(groups) == 1:
-                restore.append((module, neurons, module.weight[neurons].detach().clone()))
+                restore.append((module, module.weight.detach().clone()))
                 apply_rows(module, neurons, update.dense())
     english_run.run_layer()
     other_run.run_layer()

@@ -6,7 +6,14 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vllm_safety_patch.delta.manifest import GROUP_NAME
 from vllm_safety_patch.errors import DataError, VSPError
@@ -25,12 +32,15 @@ class SolverSettings(BaseModel):
     layers: list[int] = Field(
         default=[8, 11, 14, 17, 20], description="decoder layers whose MLP is edited"
     )
-    edit: Literal["output", "input"] = Field(
+    edit: Literal["output", "input", "attention"] = Field(
         default="output",
         description="'output': columns S of down_proj, reading the safety neurons' "
         "activations; 'input' (the paper's edit, Algorithm 1): rows S of the matrices in "
         "input_matrices, reading the MLP input (the whole normed hidden state), with the "
-        "English twin's pre-activation on S as the target",
+        "English twin's pre-activation on S as the target; 'attention': columns S of "
+        "self_attn.o_proj (S: the neurons_per_layer attention-head dimensions that best "
+        "separate English harmful from harmless), with the English twin's attention output "
+        "as the target (where vsp localize finds that patching restores refusal)",
     )
     input_matrices: list[Literal["gate_proj", "up_proj"]] = Field(
         default=["gate_proj", "up_proj"],
@@ -112,6 +122,13 @@ class SolverSettings(BaseModel):
         if not value or len(set(value)) != len(value) or min(value) < 0:
             raise ValueError("layers must be distinct non-negative layer indices")
         return sorted(value)
+
+    @model_validator(mode="after")
+    def _target_fits_edit(self) -> SolverSettings:
+        # The direction is read from the residual stream after the edited MLP output.
+        if self.target == "refusal-direction" and self.edit != "output":
+            raise ValueError("target = 'refusal-direction' needs edit = 'output'")
+        return self
 
 
 class DataSettings(BaseModel):
