@@ -326,6 +326,39 @@ def test_language_balance_weighs_each_language_by_its_part_of_the_pair_term() ->
         solve_layer(stats, rank=3, decision_weight=1.0, decision_balance="languages")
 
 
+def test_a_language_s_own_decision_weight_holds_it_harder() -> None:
+    """decision_weights replaces decision_weight for the languages it names: naming a
+    language with a larger weight shrinks the update on its benign rows, and naming one with
+    the common weight changes nothing."""
+    generator = torch.Generator().manual_seed(12)
+    k, d = 8, 6
+    x = torch.randn(k, 40, generator=generator, dtype=torch.float64)
+    t = torch.randn(d, 40, generator=generator, dtype=torch.float64)
+    benign = torch.randn(k, 30, generator=generator, dtype=torch.float64)
+    en, bn = (torch.randn(k, 10, generator=generator, dtype=torch.float64) for _ in range(2))
+    stats = LayerStatistics(
+        x @ x.T, t @ x.T, benign @ benign.T, pairs=40, benign_tokens=30,
+        decision_grams=(en @ en.T / 10, bn @ bn.T / 10), decision_shares=(0.5, 0.5),
+        decision_languages=("en", "bn"),
+    )  # fmt: skip
+    common = solve_layer(stats, rank=3, decision_weight=2.0, decision_balance="language")
+    same = solve_layer(stats, rank=3, decision_weight=2.0, decision_weights={"bn": 2.0})
+    held = solve_layer(
+        stats, rank=3, decision_weight=2.0, decision_balance="language",
+        decision_weights={"bn": 32.0},
+    )  # fmt: skip
+    assert torch.allclose(same.dense(), solve_layer(stats, rank=3, decision_weight=2.0).dense())
+    assert float((held.dense() @ bn).norm()) < 0.5 * float((common.dense() @ bn).norm())
+
+
+def test_decision_weights_name_languages() -> None:
+    assert SolverSettings(decision_weights={"bn": 64.0}).decision_weights == {"bn": 64.0}
+    with pytest.raises(ValueError, match="decision_weights"):
+        SolverSettings(decision_weights={"bengali": 64.0})
+    with pytest.raises(ValueError, match="decision_weights: bn"):
+        SolverSettings(decision_weights={"bn": -1.0})
+
+
 def test_each_group_is_solved_on_its_own_edits(tiny_qwen2: Path) -> None:
     """A group solved beside 'all' is byte for byte the group solved alone: its later layers
     see its own earlier edits, as serving it does, not those of 'all'."""

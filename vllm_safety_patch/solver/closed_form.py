@@ -43,6 +43,8 @@ class LayerStatistics:
     decision_grams: tuple[torch.Tensor, ...] = ()
     # per decision gram, its language's share of the pair trace (English: the mean share)
     decision_shares: tuple[float, ...] = ()
+    # per decision gram, its language's code (for per-language weights)
+    decision_languages: tuple[str, ...] = ()
     aligned_gram: torch.Tensor | None = None  # Y Y^T, benign low-resource prompts with twins
     aligned_cross: torch.Tensor | None = None  # S Y^T, towards their English twins
     aligned: int = 0
@@ -116,8 +118,10 @@ def solve_layer(
     decision_weight: float = 0.0,
     benign_alignment: float = 0.0,
     decision_balance: str = "group",
+    decision_weights: dict[str, float] | None = None,
 ) -> LowRankUpdate:
-    """The rank-``rank`` update for one layer under the chosen benign constraint."""
+    """The rank-``rank`` update for one layer under the chosen benign constraint.
+    ``decision_weights`` replaces ``decision_weight`` for the languages it names."""
     pair_gram = stats.pair_gram.to(torch.float64)
     target_cross = stats.target_cross.to(torch.float64)
     benign_gram = stats.benign_gram.to(torch.float64)
@@ -130,13 +134,16 @@ def solve_layer(
     penalty_gram = (benign_weight * pair_trace / _trace(benign_gram)) * benign_gram
     if decision_balance not in ("group", "language"):
         raise ValueError(f"unknown decision_balance '{decision_balance}': 'group' or 'language'")
-    grams = stats.decision_grams if decision_weight else ()
+    overrides = decision_weights or {}
+    grams = stats.decision_grams if decision_weight or overrides else ()
     shares = stats.decision_shares or (1.0,) * len(stats.decision_grams)
-    for decision, share in zip(grams, shares[: len(grams)], strict=True):
+    codes = stats.decision_languages or ("",) * len(stats.decision_grams)
+    for decision, share, code in zip(grams, shares[: len(grams)], codes[: len(grams)], strict=True):
         # "group": each language's benign decision rows weigh decision_weight times the whole
         # pair term; "language": times that language's own part of it, so a language is held
         # as firmly against its own harmful pairs in a group of one as in a group of nine.
-        weight = decision_weight * (share if decision_balance == "language" else 1.0)
+        weight = overrides.get(code, decision_weight)
+        weight *= share if decision_balance == "language" else 1.0
         decision = decision.to(torch.float64)
         penalty_gram = penalty_gram + (weight * pair_trace / _trace(decision)) * decision
     if benign_alignment and stats.aligned:

@@ -214,6 +214,7 @@ def _solve(stats: LayerStatistics, settings: SolverSettings) -> LowRankUpdate:
         null_space_energy=settings.null_space_energy,
         decision_weight=settings.decision_weight,
         decision_balance=settings.decision_balance,
+        decision_weights=settings.decision_weights,
         benign_alignment=settings.benign_alignment,
     )
 

@@ -70,6 +70,12 @@ class SolverSettings(BaseModel):
         "tokens the pairs are matched at): English and each language of the group get a term "
         "of this weight relative to the pair term; 0 leaves only the all-token penalty",
     )
+    decision_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="decision_weight per language, for the languages named (e.g. "
+        "{ bn = 64.0 }: hold Bengali's benign prompts harder where the edit over-refuses "
+        "them); the others keep decision_weight",
+    )
     decision_balance: Literal["group", "language"] = Field(
         default="group",
         description="what decision_weight is relative to: the group's whole pair term "
@@ -122,6 +128,18 @@ class SolverSettings(BaseModel):
         if not value or len(set(value)) != len(value) or min(value) < 0:
             raise ValueError("layers must be distinct non-negative layer indices")
         return sorted(value)
+
+    @field_validator("decision_weights")
+    @classmethod
+    def _decision_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for code, weight in value.items():
+            try:
+                check_language(code)
+            except DataError as error:
+                raise ValueError(f"decision_weights: {error}") from None
+            if weight < 0:
+                raise ValueError(f"decision_weights: {code} = {weight} must be >= 0")
+        return value
 
     @model_validator(mode="after")
     def _target_fits_edit(self) -> SolverSettings:

@@ -92,7 +92,7 @@ class PairTables:
             if self.pair[lang].gram is not None
         }
         shares["en"] = 1.0 / max(len(languages), 1)
-        decision, decision_shares = [], []
+        decision, decision_shares, decision_languages = [], [], []
         for lang in ["en", *languages]:
             grams = [self.decision.get(lang)]
             if lang == "en" or not aligning:
@@ -101,6 +101,7 @@ class PairTables:
             if merged is not None:
                 decision.append(merged.mean())
                 decision_shares.append(shares.get(lang, 0.0))
+                decision_languages.append(lang)
         aligned = Regression.merge([self.aligned[lang] for lang in languages])
 
         def mapped(cross: torch.Tensor | None) -> torch.Tensor | None:
@@ -116,6 +117,7 @@ class PairTables:
             benign_tokens=self.benign_tokens,
             decision_grams=tuple(decision),
             decision_shares=tuple(decision_shares),
+            decision_languages=tuple(decision_languages),
             aligned_gram=aligned.gram,
             aligned_cross=mapped(aligned.cross),
             aligned=aligned.count,
