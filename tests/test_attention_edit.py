@@ -98,3 +98,72 @@ def test_attention_edit_in_later_layers_is_solved_on_moved_streams(tiny_qwen2: P
 def test_refusal_direction_target_needs_the_output_edit() -> None:
     with pytest.raises(ValueError, match="refusal-direction"):
         SolverSettings(edit="attention", target="refusal-direction")
+
+
+@pytest.mark.parametrize(
+    ("edit", "module_of"),
+    [
+        ("attention", lambda layer: layer.self_attn.o_proj),
+        ("output", lambda layer: layer.mlp.down_proj),
+    ],
+)
+def test_twin_residual_target_moves_the_residual_stream_towards_the_twins(
+    tiny_qwen2: Path, edit: str, module_of
+) -> None:
+    """target = 'twin-residual': the update maps each harmful prompt's residual stream just
+    after the edited matrix's output onto its English twin's (for down_proj, the output of
+    the layer), closing more of that gap than it leaves."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_safety_patch.solver.prompts import gather_solve_data
+
+    config = attention_config(edit=edit, target="twin-residual", rank=8)
+    delta = solve(tiny_qwen2, config, ["all"], "tiny").deltas["all"]
+    assert delta.manifest.solver["target"] == "twin-residual"
+    plain = solve(tiny_qwen2, attention_config(edit=edit, rank=8), ["all"], "tiny").deltas["all"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    layer = model.model.layers[1]
+    module = module_of(layer)
+    # The residual stream right after the edited output: the layer's output for down_proj;
+    # for o_proj, what post_attention_layernorm reads.
+    after = layer.post_attention_layernorm if edit == "attention" else model.model.layers[2]
+    data = gather_solve_data(["zh", "sw"], DATA)
+    twins = {p.pair: p.text for p in data.english if p.role == "harmful_en"}
+    (edit_,) = delta.edits.values()
+    (plain_edit,) = plain.edits.values()
+    before = left = left_plain = 0.0
+    for prompt in (p for p in data.others if p.role == "harmful_lr"):
+        gap = last_token_input(model, tokenizer, twins[prompt.pair], after)
+        gap = gap - last_token_input(model, tokenizer, prompt.text, after)
+        low = last_token_input(model, tokenizer, prompt.text, module)
+        before += float(gap.norm() ** 2)
+        left += float((gap - edit_.update().double() @ low[edit_.neurons]).norm() ** 2)
+        moved = plain_edit.update().double() @ low[plain_edit.neurons]
+        left_plain += float((gap - moved).norm() ** 2)
+    assert left < before and left < left_plain  # the 'twin' target leaves more of this gap
+
+
+def test_twin_residual_target_is_refused_for_the_input_edit() -> None:
+    with pytest.raises(ValueError, match="twin-residual"):
+        SolverSettings(edit="input", target="twin-residual")
+
+
+def test_twin_residual_target_refuses_layers_that_normalise_the_attention_output() -> None:
+    """Gemma-style layers add a normed attention output: the stream post_attention_layernorm
+    reads is not the residual stream, so the target would be wrong; say so before solving."""
+    from transformers import Gemma2Config
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer
+
+    from vllm_safety_patch.errors import VSPError
+    from vllm_safety_patch.solver.pipeline import _LayerCollector, _watch_residual
+
+    config = Gemma2Config(
+        hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, num_hidden_layers=1, vocab_size=32,
+    )  # fmt: skip
+    layer = Gemma2DecoderLayer(config, 0)
+    collector = _LayerCollector([], [], [], torch.zeros(16, 32), 1, ["sw"])
+    settings = SolverSettings(target="twin-residual")
+    with pytest.raises(VSPError, match="post_attention_layernorm"):
+        _watch_residual(collector, layer, False, settings)

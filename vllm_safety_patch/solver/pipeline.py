@@ -110,6 +110,17 @@ class _LayerCollector(PairTables):
         self.benign_tokens = 0
         self.other_stash: dict[int, torch.Tensor] = {}  # batch id -> [B, L, k]
         self.direction: torch.Tensor | None = None  # unit [d]: targets are projected on it
+        # With target = 'twin-residual': the residual stream the edited matrix's output is
+        # added to, for the batch being observed ([B, L, d]); targets are then residual streams.
+        self.residual: Callable[[TokenBatch], torch.Tensor] | None = None
+
+    def _outputs(self, batch: TokenBatch, last: torch.Tensor) -> torch.Tensor:
+        """[B, p, d]: what the edited matrix writes at the paired positions, plus the residual
+        stream it is added to when the target is the twin's residual stream."""
+        written = last @ self.weight.T
+        if self.residual is None:
+            return written
+        return written + batch.last_rows(self.residual(batch).float(), self.positions)
 
     def _moments(self, table: dict[str, ClassMoments], lang: str) -> ClassMoments:
         if lang not in table:
@@ -120,10 +131,11 @@ class _LayerCollector(PairTables):
         inputs = inputs.float()
         self.english_stash[id(batch)] = inputs
         last = batch.last_rows(inputs, self.positions)  # [B, p, n]
+        outputs = self._outputs(batch, last)
         for row, item in enumerate(batch.items):
             prompt = self.english[item]
             if prompt.pair is not None:
-                self.twin_outputs[prompt.pair] = last[row] @ self.weight.T
+                self.twin_outputs[prompt.pair] = outputs[row]
             harmful = prompt.role == "harmful_en"
             self._moments(self.harmful if harmful else self.harmless, "en").add(last[row])
 
@@ -171,6 +183,7 @@ class _LayerCollector(PairTables):
         selected = inputs[..., self.neurons]
         self.other_stash[id(batch)] = selected
         last = batch.last_rows(inputs, self.positions)  # [B, p, n]
+        outputs = self._outputs(batch, last)
         for row, item in enumerate(batch.items):
             prompt = self.others[item]
             x = last[row][:, self.neurons]  # [p, k]
@@ -178,7 +191,7 @@ class _LayerCollector(PairTables):
                 twin = self.twin_outputs.get(prompt.pair)
                 if twin is None:
                     continue  # its English twin was not loaded (should not happen)
-                target = twin - last[row] @ self.weight.T  # [p, d]
+                target = twin - outputs[row]  # [p, d]
                 if self.direction is not None:
                     target = (target @ self.direction)[:, None] * self.direction
                 table = self.pair if prompt.role == "harmful_lr" else self.aligned
@@ -377,6 +390,7 @@ def _solve_pass(
             data.english, data.others, english_batches, weight, settings.positions, languages
         )
         tick = time.perf_counter()
+        unhook = _watch_residual(collector, decoder_layers(model)[layer], attention, settings)
         english_run.run_layer(collector.observe_english, advance=not attention, site=site)
         if settings.target == "refusal-direction":
             collector.set_refusal_direction(english_batches)
@@ -385,6 +399,7 @@ def _solve_pass(
             other_run.run_layer(collector.observe_scores, advance=False, site=site)
         neurons = collector.choose_neurons(settings.neurons_per_layer, settings.neuron_scoring)
         other_run.run_layer(collector.observe_other, advance=not attention, site=site)
+        unhook()
         timings.forward_seconds += time.perf_counter() - tick  # includes hook time
 
         tick = time.perf_counter()
@@ -429,6 +444,32 @@ def _solve_pass(
             module.weight.copy_(original)
     progress("layers", last_layer + 1, last_layer + 1)
     return {group: (edits[group], dict(chosen), spectra[group]) for group in groups}
+
+
+def _watch_residual(
+    collector: _LayerCollector, layer: torch.nn.Module, attention: bool, settings: SolverSettings
+) -> Callable[[], None]:
+    """With target = 'twin-residual', tell ``collector`` which residual stream the edited
+    matrix's output is added to: the layer's input for o_proj, the stream after attention
+    (what post_attention_layernorm reads) for down_proj. Returns what undoes it."""
+    if settings.target != "twin-residual":
+        return lambda: None
+    if attention:
+        collector.residual = lambda batch: batch.hidden
+        return lambda: None
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if norm is None or hasattr(layer, "pre_feedforward_layernorm"):
+        # Gemma-style layers normalise the attention output before adding it: the input of
+        # post_attention_layernorm is then not the residual stream.
+        raise VSPError(
+            f"target = 'twin-residual' needs a pre-norm layer with post_attention_layernorm "
+            f"before the MLP ({type(layer).__name__} is not one)",
+            "use target = 'twin' with this model",
+        )
+    seen: dict[str, torch.Tensor] = {}
+    handle = norm.register_forward_pre_hook(lambda module, args: seen.update(mid=args[0]))
+    collector.residual = lambda batch: seen["mid"]
+    return handle.remove
 
 
 def _input_layer(

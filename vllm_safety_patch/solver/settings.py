@@ -93,13 +93,16 @@ class SolverSettings(BaseModel):
         description="safety neurons separate harmful from harmless English prompts, or "
         "harmful from harmless prompts within each language (mean Cohen's d over languages)",
     )
-    target: Literal["twin", "refusal-direction"] = Field(
+    target: Literal["twin", "twin-residual", "refusal-direction"] = Field(
         default="twin",
         description="what a harmful prompt's edited output is moved towards: its English "
-        "twin's whole down_proj output ('twin'), or only that output's component along the "
-        "English refusal direction of the layer's residual stream ('refusal-direction': "
-        "English harmful minus harmless mean at the paired positions), so the edit writes "
-        "refusal and leaves what carries the language alone",
+        "twin's whole output of the edited matrix ('twin'); the twin's residual stream just "
+        "after that output is added ('twin-residual': the edit also closes the gap earlier "
+        "layers left, as patching the twin's residual stream does in vsp localize); or only "
+        "the twin output's component along the English refusal direction of the layer's "
+        "residual stream ('refusal-direction', output edit only: English harmful minus "
+        "harmless mean at the paired positions), so the edit writes refusal and leaves what "
+        "carries the language alone",
     )
     ridge: float = Field(default=1e-3, ge=0, description="ridge mu, relative to the pair trace")
     null_space_energy: float = Field(
@@ -146,6 +149,8 @@ class SolverSettings(BaseModel):
         # The direction is read from the residual stream after the edited MLP output.
         if self.target == "refusal-direction" and self.edit != "output":
             raise ValueError("target = 'refusal-direction' needs edit = 'output'")
+        if self.target == "twin-residual" and self.edit == "input":
+            raise ValueError("target = 'twin-residual' needs edit = 'output' or 'attention'")
         return self
 
 
