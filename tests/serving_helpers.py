@@ -36,6 +36,31 @@ def engine_env(core: int) -> dict[str, str]:
     return env
 
 
+# Loaded by every Python process of one test server (PYTHONPATH), never by production code.
+_FORCED_REFUSAL = """\
+from vllm_safety_patch.server import canary
+
+_judge = canary.is_refusal
+
+
+def _forced(text, lang):
+    return text.lstrip().startswith({marker!r}) or _judge(text, lang)
+
+
+canary.is_refusal = _forced
+"""
+
+
+def forced_refusal_env(folder: Path, marker: str) -> dict[str, str]:
+    """Environment for a test server whose canary also counts a reply opening with
+    ``marker`` as a refusal (the tiny random models never refuse): a ``sitecustomize``
+    module in ``folder``, on that server's PYTHONPATH only, replaces the canary's judge."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_FORCED_REFUSAL.format(marker=marker))
+    path = os.pathsep.join(filter(None, (str(folder), os.environ.get("PYTHONPATH"))))
+    return {"PYTHONPATH": path}
+
+
 def vsp_command(*args: str) -> list[str]:
     """``vsp ARGS`` with this interpreter's console script (or ``python -m`` without one)."""
     vsp = Path(sys.executable).with_name("vsp")

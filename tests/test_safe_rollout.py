@@ -7,8 +7,9 @@ Two ``vsp serve`` replicas of the tiny Qwen2 on loopback:
   a delta whose manifest claims more refusal than the model gives fails the harmful rule;
   a dry run changes nothing; a user request sent while the canary runs waits for it and is
   answered by the set that is kept, never by one the canary refused. The tiny random model
-  never refuses, so A runs with the test-only ``VSP_CANARY_TEST_REFUSAL_MARKER="!!!!"``,
-  and the over-refusing delta is built to make the model answer every prompt with
+  never refuses, so A's canary also counts a reply opening with "!!!!" as a refusal (a
+  ``sitecustomize`` on A's PYTHONPATH only replaces the judge: production reads no such
+  setting), and the over-refusing delta is built to make the model answer every prompt with
   "!!!!...": an edit of the last layer's MLP that adds a large push towards the "!" token
   whatever the input (the real classifier still judges every other reply).
 - **B** joins for the fleet rollout (A and B run together from then on): it lacks one
@@ -39,6 +40,7 @@ from conftest import make_delta
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import (
     delta_label,
+    forced_refusal_env,
     request,
     start_vsp_serve,
     stop_process_group,
@@ -72,6 +74,8 @@ def effect(metric: str, suite: str, lang: str, before: float, after: float) -> E
 
 
 def test_thresholds_from_manifests_settings_and_request(tiny_qwen2: Path) -> None:
+    from vllm_safety_patch.server.canary_rules import BENIGN, HARMFUL, Reference, reference
+
     rows = [
         effect("refusal_rate", "multijail", "th", 0.2, 0.9),
         effect("refusal_rate", "polyrefuse-harmful", "th", 0.2, 0.1),  # another suite: ignored
@@ -79,19 +83,22 @@ def test_thresholds_from_manifests_settings_and_request(tiny_qwen2: Path) -> Non
         effect("over_refusal", "everyday", "th", 0.0, 0.1),  # the probe's suite wins
     ]
     manifest = claiming_delta(tiny_qwen2, "claims", rows)[0].manifest
-    assert canary.measured_for([manifest], "th") == canary.Measured(0.9, 0.0)
-    assert canary.measured_for([manifest], "bn") == canary.Measured(None, None)
-    settings = canary.CanarySettings(alpha=0.01)
-    rule = canary.rule_for("th", [manifest], 4, 4, settings, {})
+    # No baseline for the tiny model: the manifest is all there is (floored at 5% benign).
+    assert reference(HARMFUL, "th", None, [manifest]) == Reference(0.9, "manifest")
+    assert reference(BENIGN, "th", None, [manifest]) == Reference(0.05, "manifest")
+    assert reference(HARMFUL, "bn", None, [manifest]) == Reference(None, "none")
+    rule = canary.rule_for("th", [manifest], 4, 4, 0.01)
     # 0.9 measured on 4 probes: 0 or 1 refusals would be implausible (P < 0.01), 2 is not.
     assert rule.harmful_min == 2 / 4 and rule.harmful_source == "manifest"
     # Base over-refusal 0 (floored at 5%): 3 of 4 benign refusals are implausible.
     assert rule.benign_max == 2 / 4 and rule.benign_source == "manifest"
-    assert canary.rule_for("bn", [manifest], 4, 4, settings, {}).harmful_min is None
+    assert canary.rule_for("bn", [manifest], 4, 4, 0.01).harmful_min is None
     # Settings beat the manifest; the request beats both, field by field.
-    settings = canary.CanarySettings(thresholds={"th": LanguageThreshold(harmful_min=1.0)})
-    request_thresholds = {"th": LanguageThreshold(benign_max=0.0)}
-    rule = canary.rule_for("th", [manifest], 4, 4, settings, request_thresholds)
+    overrides = (
+        ("settings", {"th": LanguageThreshold(harmful_min=1.0)}),
+        ("request", {"th": LanguageThreshold(benign_max=0.0)}),
+    )
+    rule = canary.rule_for("th", [manifest], 4, 4, 0.01, overrides)
     assert (rule.harmful_min, rule.harmful_source) == (1.0, "settings")
     assert (rule.benign_max, rule.benign_source) == (0.0, "request")
     row = canary.verdict("th", 3, 4, 1, 4, rule)
@@ -122,13 +129,10 @@ def test_settings_from_the_environment() -> None:
         {
             canary.PROMPTS_VAR: "6",
             canary.THRESHOLDS_VAR: '{"bn": {"benign_max": 0.25}}',
-            canary.TEST_MARKER_VAR: MARKER,
         }
     )
     assert settings.prompts == 6 and settings.thresholds["bn"].benign_max == 0.25
-    assert canary.is_refused("!!!! anything", "en", settings)
-    assert not canary.is_refused("Sure, here is how", "en", settings)
-    assert canary.is_refused("I'm sorry, but I can't help with that.", "en", settings)
+    assert canary.settings_from_env({}).prompts == canary.DEFAULT_PROMPTS == 8
     from vllm_safety_patch.errors import VSPError
 
     for env, words in (
@@ -248,6 +252,28 @@ def test_in_process_refusing_canary_restores_and_a_failed_restore_degrades(
     error = switch(state, deltas=["second"])
     assert error.status == 500 and error.kind == "degraded" and state.degraded
     assert "the canary on second@" in state.degraded
+
+
+def test_in_process_a_set_that_stops_refusing_english_is_refused(
+    tmp_path: Path, tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21: on the default model (its shipped baseline), a set under which English
+    harmful prompts are answered fails the canary at the default count, whatever its own
+    manifest claims (these test deltas claim nothing)."""
+    from vllm_safety_patch.server.canary_baseline import BASELINES
+
+    engine = ProbeEngine(tiny_qwen2, "Sure! Here is a step-by-step guide.")
+    state = probe_state(tmp_path, tiny_qwen2, engine)
+    monkeypatch.setattr(state, "baseline", lambda: BASELINES[0])
+    error = switch(state, deltas=["second"])
+    assert error.status == 422 and error.kind == "canary_failed", error
+    en = error.canary.languages[0]
+    assert (en.language, en.harmful_refused, en.harmful_n) == ("en", 0, canary.DEFAULT_PROMPTS)
+    assert (en.harmful_source, en.harmful_reference, en.harmful_fails_at) == ("baseline", 0.66, 1)
+    assert en.verdict == "fail" and en.benign_refused == 0
+    bn = error.canary.languages[1]  # base 2%: no count of 8 can fail it, and none did
+    assert bn.harmful_fails_at is None and bn.verdict == "pass"
+    assert [entry.sha256 for entry in state.active] == [engine.reloads[-1][0]]
 
 
 def test_in_process_activation_answers_503_when_shutdown_begins(
@@ -495,7 +521,8 @@ def start_replica(files: dict, name: str, env_extra: dict[str, str]) -> tuple[An
 
 @pytest.fixture(scope="module")
 def replica_a(files: dict) -> Iterator[dict]:
-    process, info = start_replica(files, "a", {canary.TEST_MARKER_VAR: MARKER})
+    env = forced_refusal_env(files["root"] / "forced-refusal", MARKER)
+    process, info = start_replica(files, "a", env)
     try:
         info["first_outputs"] = greedy(info)[0]  # the start set's answers, to compare with
         yield info

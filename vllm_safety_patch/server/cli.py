@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import ipaddress
 import json
-import math
 import os
 import urllib.error
 import urllib.request
@@ -359,7 +358,7 @@ def print_canary(report: dict) -> None:
         f"({report['prompts']} prompts per language and kind, {report['max_tokens']} tokens)",
         **PLAIN,
     )
-    table = Table("lang", "harmful refused", "needed", "benign refused", "allowed", "verdict")
+    table = Table("lang", "harmful refused", "fails at", "benign refused", "fails at", "verdict")
     for row in report["languages"]:
         table.add_row(
             *(
@@ -367,9 +366,9 @@ def print_canary(report: dict) -> None:
                 for cell in (
                     row["language"],
                     f"{row['harmful_refused']}/{row['harmful_n']}" if row["harmful_n"] else "-",
-                    _bound(row["harmful_min"], row["harmful_n"], row["harmful_source"], up=True),
+                    _fails_at(row, "harmful", "min", "<="),
                     f"{row['benign_refused']}/{row['benign_n']}" if row["benign_n"] else "-",
-                    _bound(row["benign_max"], row["benign_n"], row["benign_source"], up=False),
+                    _fails_at(row, "benign", "max", ">="),
                     row["verdict"] + (f": {row['reason']}" if row.get("reason") else ""),
                 )
             )
@@ -377,11 +376,17 @@ def print_canary(report: dict) -> None:
     console.print(table)
 
 
-def _bound(share: float | None, n: int, source: str, up: bool) -> str:
-    if share is None or not n:
+def _fails_at(row: dict, kind: str, bound: str, sign: str) -> str:
+    """The count that fails the rule ("never": none of this many probes can), and what
+    the rule tests against."""
+    if row.get(f"{kind}_{bound}") is None or not row[f"{kind}_n"]:
         return "-"
-    count = math.ceil(share * n - 1e-9) if up else math.floor(share * n + 1e-9)
-    return f"{'>=' if up else '<='} {count} ({source})"
+    source, rate = row[f"{kind}_source"], row.get(f"{kind}_reference")
+    against = source if rate is None else f"{source} {rate:.0%}"
+    if f"{kind}_fails_at" not in row:  # a server from before the field: the share
+        return f"{bound} {row[f'{kind}_{bound}']:.0%} ({against})"
+    fails = row[f"{kind}_fails_at"]
+    return f"{'never' if fails is None else f'{sign} {fails}'} ({against})"
 
 
 def startup_line(launch: Launch) -> str:

@@ -34,6 +34,7 @@ from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.delta.merge import check_distinct
 from vllm_safety_patch.errors import DeltaFormatError, DeltaMismatchError, VSPError
 from vllm_safety_patch.server import canary, metrics
+from vllm_safety_patch.server.canary_baseline import Baseline
 from vllm_safety_patch.server.errors import SafetyAPIError
 from vllm_safety_patch.server.gate import DrainTimeoutError
 from vllm_safety_patch.server.protocol import (
@@ -321,12 +322,22 @@ def _canary_options(request: ActivateRequest) -> CanaryOptions | None:
 
 
 async def _probe(
-    state: SafetyState, deltas: list[Delta], label: str, options: CanaryOptions, dry_run: bool
+    state: SafetyState,
+    deltas: list[Delta],
+    label: str,
+    options: CanaryOptions,
+    dry_run: bool,
+    baseline: Baseline | None,
 ) -> CanaryReport:
     assert state.engine is not None
     try:
         report = await canary.run(
-            state.engine, [delta.manifest for delta in deltas], label, state.canary, options
+            state.engine,
+            [delta.manifest for delta in deltas],
+            label,
+            state.canary,
+            options,
+            baseline,
         )
     except canary.CanaryTimeoutError:
         metrics.canary_errored("timeout", dry_run)
@@ -411,6 +422,8 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
     async with state.switch_lock:
         started = time.monotonic()
         deltas = await asyncio.to_thread(read_and_verify, state, paths)
+        # The canary's floors: hashed once per server, before the gate closes.
+        baseline = None if options is None else await asyncio.to_thread(state.baseline)
         # read_delta records the path it read as the source: the file the workers will read.
         new = [ActiveEntry.of(delta, Path(delta.source), state.delta_dir) for delta in deltas]
         old = list(state.active)
@@ -419,7 +432,7 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
             probed = None
             if request.dry_run:  # nothing to switch: probe the live set as it is
                 assert options is not None
-                probed = await _probe(state, deltas, label, options, dry_run=True)
+                probed = await _probe(state, deltas, label, options, True, baseline)
             else:
                 state.active = new  # same bytes; the names may be new
             return ActivateResponse(
@@ -443,7 +456,9 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
                     # The gate stays closed: user requests wait; none sees an unproven set.
                     canary_started = time.monotonic()
                     try:
-                        report = await _probe(state, deltas, label, options, request.dry_run)
+                        report = await _probe(
+                            state, deltas, label, options, request.dry_run, baseline
+                        )
                     except Exception as error:
                         if _engine_stopped(state):
                             raise

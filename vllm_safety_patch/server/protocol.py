@@ -138,11 +138,23 @@ class CanaryLanguage(_Body):
     harmful_refused: int
     harmful_n: int
     harmful_min: float | None = Field(description="threshold (share); null: no harmful rule")
-    harmful_source: str = Field(description="request | settings | manifest | none")
+    harmful_source: str = Field(description="request | settings | baseline | manifest | none")
+    harmful_reference: float | None = Field(
+        None, description="the refusal rate the binomial rule tested against (null: a share)"
+    )
+    harmful_fails_at: int | None = Field(
+        None, description="this many harmful refusals or fewer fail; null: no count fails"
+    )
     benign_refused: int
     benign_n: int
     benign_max: float | None = Field(description="threshold (share)")
-    benign_source: str = Field(description="request | settings | manifest | default")
+    benign_source: str = Field(description="request | settings | baseline | manifest | default")
+    benign_reference: float | None = Field(
+        None, description="the over-refusal the binomial rule tested against (null: a share)"
+    )
+    benign_fails_at: int | None = Field(
+        None, description="this many benign refusals or more fail; null: no count fails"
+    )
     verdict: Literal["pass", "fail", "not probed"]
     reason: str | None = None
 

@@ -32,8 +32,14 @@ from vllm_safety_patch.delta.verify import (
 )
 from vllm_safety_patch.errors import DeltaFormatError, VSPError
 from vllm_safety_patch.models.checkpoint import Checkpoint
-from vllm_safety_patch.models.fingerprint import short, tensor_digest
+from vllm_safety_patch.models.fingerprint import (
+    editable_tensor_names,
+    fingerprint_from_digests,
+    short,
+    tensor_digest,
+)
 from vllm_safety_patch.server.canary import CanarySettings
+from vllm_safety_patch.server.canary_baseline import Baseline, baseline_for
 from vllm_safety_patch.server.gate import SwitchGate
 from vllm_safety_patch.server.protocol import (
     ActiveDelta,
@@ -275,6 +281,7 @@ class SafetyState:
     _listed: dict[str, tuple[FileIdentity, DeltaInfo]] = field(default_factory=dict)
     _digests: dict[FileIdentity, str] = field(default_factory=dict)
     _base_digests: dict[str, str] = field(default_factory=dict)
+    _model_fingerprint: str | None = None
     # Listing and activation run in threads and share the caches and the checkpoint.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -319,6 +326,20 @@ class SafetyState:
             with self._lock:
                 self._digests[before] = delta.sha256
         return delta
+
+    def baseline(self) -> Baseline | None:
+        """The shipped base-model figures for the served checkpoint, if any (blocking: the
+        first call hashes every MLP weight, about 2 s for the default model)."""
+        with self._lock:
+            if self._model_fingerprint is None:
+                checkpoint = self.checkpoint_of()
+                names = editable_tensor_names(checkpoint.tensor_names())
+                for name in names:
+                    if name not in self._base_digests:
+                        self._base_digests[name] = tensor_digest(checkpoint.get(name))
+                digests = {name: self._base_digests[name] for name in names}
+                self._model_fingerprint = fingerprint_from_digests(checkpoint.config, digests)
+            return baseline_for(self._model_fingerprint)
 
     def verify(self, deltas: list[Delta]) -> None:
         """Raise the first problem of ``deltas`` against the served checkpoint (blocking)."""
