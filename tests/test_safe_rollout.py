@@ -22,6 +22,7 @@ Server-free cases (thresholds, rollout logic against stand-in replicas) come fir
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -146,9 +147,9 @@ def test_settings_from_the_environment() -> None:
 
 
 class ProbeEngine:
-    """A stand-in engine: every probe gets ``reply``; reloads are recorded and may fail
-    (``fail_reloads``: the numbers of the reload calls that raise, from 1); a probe may
-    wait for ``hold`` (an event) first."""
+    """A stand-in engine: every probe gets ``reply``; reloads are recorded (with when
+    they ended), may take ``reload_s`` and may fail (``fail_reloads``: the numbers of the
+    reload calls that raise, from 1); a probe may wait for ``hold`` (an event) first."""
 
     errored = False
 
@@ -162,6 +163,9 @@ class ProbeEngine:
         self.reply = reply
         self.fail_reloads = fail_reloads
         self.reloads: list[list[str]] = []
+        self.reloaded_at: list[float] = []
+        self.reload_s = 0.0
+        self.pauses: list[str] = []
         self.hold: Any = None
         self.probes = 0
 
@@ -183,13 +187,15 @@ class ProbeEngine:
             self.reloads.append(list(args[1]))
             if len(self.reloads) in self.fail_reloads:
                 raise RuntimeError("Worker failed with error 'boom'")
+            await asyncio.sleep(self.reload_s)
+            self.reloaded_at.append(time.monotonic())
         return [{"rank": 0, "tensors": 1}]
 
     async def reset_prefix_cache(self) -> bool:
         return True
 
     async def pause_generation(self, mode: str = "abort", clear_cache: bool = True) -> None:
-        return None
+        self.pauses.append(mode)
 
     async def resume_generation(self) -> None:
         return None
@@ -216,7 +222,6 @@ def probe_state(tmp_path: Path, model: Path, engine: ProbeEngine) -> Any:
 
 def switch(state: Any, **body: Any) -> Any:
     """``activate`` in-process: the response, or the SafetyAPIError it raised."""
-    import asyncio
 
     from vllm_safety_patch.server.errors import SafetyAPIError
     from vllm_safety_patch.server.hotpatch import activate as activate_in_process
@@ -279,8 +284,6 @@ def test_in_process_a_set_that_stops_refusing_english_is_refused(
 def test_in_process_activation_answers_503_when_shutdown_begins(
     tmp_path: Path, tiny_qwen2: Path
 ) -> None:
-    import asyncio
-
     from vllm_safety_patch.server.errors import SafetyAPIError
     from vllm_safety_patch.server.hotpatch import activate as activate_in_process
     from vllm_safety_patch.server.protocol import ActivateRequest

@@ -29,6 +29,7 @@ import asyncio
 import json
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -195,12 +196,14 @@ Encode = Callable[[str], list[int]]
 
 
 def choose(
-    lang: str, kind: str, count: int, encode: Encode, fits: int
+    lang: str, kind: str, count: int, encode: Encode, fits: int, stop: threading.Event | None = None
 ) -> list[tuple[Probe, list[int]]]:
     """The first ``count`` candidates whose chat prompt leaves room for the reply, with
-    their prompt's token ids."""
+    their prompt's token ids (fewer once ``stop`` is set: the canary ran out of time)."""
     chosen = []
     for probe in candidates(lang, kind, count):
+        if stop is not None and stop.is_set():
+            break
         ids = encode(probe.text)
         if len(ids) <= fits:
             chosen.append((probe, ids))
@@ -252,11 +255,16 @@ async def run(
     settings: CanarySettings,
     options: CanaryOptions | None = None,
     baseline: Baseline | None = None,
+    deadline: float | None = None,
 ) -> CanaryReport:
     """Probe the weights the engine serves now; the report says whether they pass.
-    ``baseline``: the served model's own figures (the rules' floors), if shipped."""
+    ``baseline``: the served model's own figures (the rules' floors), if shipped;
+    ``deadline`` (``time.monotonic()``; default: the timeout from now): choosing the probes
+    and running them both end by then, or :class:`CanaryTimeoutError`."""
     options = options or CanaryOptions()
     started = time.monotonic()
+    if deadline is None:
+        deadline = started + settings.timeout_s
     count = options.prompts or settings.prompts
     max_tokens = options.max_tokens or settings.max_tokens
     tokenizer = engine.get_tokenizer()
@@ -266,23 +274,29 @@ async def run(
     fits = int(engine.vllm_config.model_config.max_model_len) - max_tokens
     langs = probe_languages(manifests)
 
+    stop = threading.Event()  # the selection thread cannot be cancelled: it checks this
+
     def select() -> dict[tuple[str, str], list[tuple[Probe, list[int]]]]:
         return {
-            (lang, kind): choose(lang, kind, count, encode, fits)
+            (lang, kind): choose(lang, kind, count, encode, fits, stop)
             for lang in langs
             for kind in (HARMFUL, BENIGN)
         }
 
-    probes = await asyncio.to_thread(select)  # tokenising a few hundred prompts: blocking
-    flat = [pair for group in probes.values() for pair in group]
+    flat: list[tuple[Probe, list[int]]] = []
     try:
-        async with asyncio.timeout(settings.timeout_s):
+        # Both inside the deadline: user traffic waits for the selection too.
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            probes = await asyncio.to_thread(select)  # tokenising hundreds of prompts
+            flat = [pair for group in probes.values() for pair in group]
             replies = await asyncio.gather(
                 *(_generate(engine, ids, probe.lang, max_tokens) for probe, ids in flat)
             )
     except TimeoutError:
+        stop.set()
+        what = f"its {len(flat)} probes" if flat else "choosing its probes"
         raise CanaryTimeoutError(
-            f"the canary's {len(flat)} probes did not finish in {settings.timeout_s:g} s"
+            f"the canary did not finish in {deadline - started:.3g} s ({what} ran out of time)"
         ) from None
     refused: dict[tuple[str, str], int] = {}
     for (probe, _), reply in zip(flat, replies, strict=True):

@@ -9,7 +9,9 @@ Order, so that a refusal never changes what is served:
 5. pause the scheduler, reload on every worker every tensor the old or the new set touches
    (base from disk + new edits), reset the prefix cache, resume;
 6. the canary (``canary.py``) probes the new weights through the engine, the gate still
-   closed; if it fails, or the request is a dry run, every worker reloads the old set;
+   closed; if it fails, or the request is a dry run, every worker reloads the old set
+   (probes still running are aborted). ``VSP_CANARY_TIMEOUT_S`` bounds this whole step,
+   restore included: the probes must end early enough to leave room for it;
 7. record the set (unless it was a dry run or failed), open the gate.
 
 If a worker fails in step 5, every worker reloads the old set (its deltas are cached in the
@@ -57,6 +59,9 @@ from vllm_safety_patch.vllm_plugin.worker_extension import PREPARE_METHOD, RELOA
 logger = logging.getLogger(f"vllm.{__name__}")
 
 RPC_TIMEOUT_S = 600.0
+# Kept out of the canary's timeout for the restore after it: the abort of its probes (the
+# engine finishes its current step first) and a reload as long as the one just done, twice.
+RESTORE_MARGIN_S = 1.0
 
 
 def resolve(state: SafetyState, names: list[Any]) -> list[Path]:
@@ -125,15 +130,16 @@ async def _reload(state: SafetyState, entries: list[ActiveEntry], tensors: list[
     return results
 
 
-async def _pause(state: SafetyState) -> bool:
+async def _pause(state: SafetyState, mode: str = "wait") -> bool:
     """Pause the scheduler (the gate has drained HTTP requests already; this also holds
-    anything that reached the engine another way). False if the engine cannot pause."""
+    anything that reached the engine another way; ``abort`` ends it instead: after the
+    canary, what runs is its own probes). False if the engine cannot pause."""
     engine = state.engine
     pause = getattr(engine, "pause_generation", None)
     if engine is None or pause is None:
         return False
     try:
-        await asyncio.wait_for(pause(mode="wait", clear_cache=False), state.drain_timeout_s)
+        await asyncio.wait_for(pause(mode=mode, clear_cache=False), state.drain_timeout_s)
     except TimeoutError:
         # The scheduler may be paused already (only the wait was cut short): undo it.
         await engine.resume_generation()
@@ -328,6 +334,7 @@ async def _probe(
     options: CanaryOptions,
     dry_run: bool,
     baseline: Baseline | None,
+    deadline: float,
 ) -> CanaryReport:
     assert state.engine is not None
     try:
@@ -338,6 +345,7 @@ async def _probe(
             state.canary,
             options,
             baseline,
+            deadline,
         )
     except canary.CanaryTimeoutError:
         metrics.canary_errored("timeout", dry_run)
@@ -358,9 +366,17 @@ async def _probe(
     return report
 
 
-async def _load(state: SafetyState, entries: list[ActiveEntry], tensors: list[str]) -> list:
-    """Pause, reload ``entries`` over ``tensors`` (prefix cache reset), resume."""
-    paused = await _pause(state)
+def _probe_deadline(started: float, timeout_s: float, reload_seconds: float) -> float:
+    """When the probes must end for the restore after them to end within the timeout."""
+    margin = min(RESTORE_MARGIN_S + 2 * reload_seconds, timeout_s / 2)
+    return started + timeout_s - margin
+
+
+async def _load(
+    state: SafetyState, entries: list[ActiveEntry], tensors: list[str], mode: str = "wait"
+) -> list:
+    """Pause (``mode``), reload ``entries`` over ``tensors`` (prefix cache reset), resume."""
+    paused = await _pause(state, mode)
     try:
         return await _reload(state, entries, tensors)
     finally:
@@ -391,9 +407,10 @@ async def _switch(
 async def _switch_back(
     state: SafetyState, old: list[ActiveEntry], tensors: list[str], why: str
 ) -> None:
-    """After the canary (failed, or a dry run): serve ``old`` again, exactly as before."""
+    """After the canary (failed, or a dry run): serve ``old`` again, exactly as before;
+    probes still in the engine (a timeout) are aborted, not waited for."""
     try:
-        await _load(state, old, tensors)
+        await _load(state, old, tensors, mode="abort")
     except Exception as error:  # a pause that timed out too: the new weights are still in
         if _engine_stopped(state):
             raise
@@ -432,7 +449,8 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
             probed = None
             if request.dry_run:  # nothing to switch: probe the live set as it is
                 assert options is not None
-                probed = await _probe(state, deltas, label, options, True, baseline)
+                deadline = time.monotonic() + state.canary.timeout_s  # nothing to restore
+                probed = await _probe(state, deltas, label, options, True, baseline, deadline)
             else:
                 state.active = new  # same bytes; the names may be new
             return ActivateResponse(
@@ -455,9 +473,12 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
                 if options is not None:
                     # The gate stays closed: user requests wait; none sees an unproven set.
                     canary_started = time.monotonic()
+                    deadline = _probe_deadline(
+                        canary_started, state.canary.timeout_s, reload_seconds
+                    )
                     try:
                         report = await _probe(
-                            state, deltas, label, options, request.dry_run, baseline
+                            state, deltas, label, options, request.dry_run, baseline, deadline
                         )
                     except Exception as error:
                         if _engine_stopped(state):
