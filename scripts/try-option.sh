@@ -15,8 +15,5 @@ for name in "$@"; do
   [ -f "$config" ] || { echo "no option config $config" >&2; exit 2; }
   rm -rf "$out"
   .venv/bin/vsp solve --config "$config" --out "$out"
-  .venv/bin/vsp measure "$out"/*.safetensors --no-write --samples "$out/samples" \
-    --multijail-rows 120-160 --everyday-split val --harmless-val 0 --mgsm-rows 200-200 \
-    --summary build/options/summary.jsonl
+  bash scripts/measure-option.sh "$name"
 done
-.venv/bin/python -m vllm_safety_patch.eval.options_table build/options/summary.jsonl
