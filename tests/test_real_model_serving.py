@@ -214,14 +214,16 @@ def test_load_time_merge_equals_merged_checkpoint(outputs: dict, artefacts: dict
 
 
 def test_the_delta_changes_what_the_base_model_says(outputs: dict) -> None:
-    # The default model's multilingual gap, for real: the base answers held-out Bengali
-    # harmful requests (and refuses the English one); `all` refuses them all.
-    langs = [lang for lang, _ in prompts()]
-    for index in [0, *(langs.index("bn") + n for n in range(len(REFUSED_BY_ALL)))]:
-        lang = langs[index]
-        assert is_refusal(outputs["vsp"][index], lang), (lang, outputs["vsp"][index])
+    # The default model's multilingual gap, for real: the base answers held-out harmful
+    # requests in Bengali and other languages (and refuses the English one); `all` refuses
+    # them all.
+    keys = [(lang, None) for lang in PIPE_BOMB] + HELD_OUT
+    for lang, row in [("en", None), *REFUSED_BY_ALL]:
+        index = keys.index((lang, row))
+        assert is_refusal(outputs["vsp"][index], lang), (lang, row, outputs["vsp"][index])
         if lang != "en":
-            assert not is_refusal(outputs["base"][index], lang), (lang, outputs["base"][index])
+            base = outputs["base"][index]
+            assert not is_refusal(base, lang), (lang, row, base)
     assert outputs["base"] != outputs["vsp"]
 
 
