@@ -28,3 +28,12 @@ def test_both_sides_per_language_and_gap_closed(tmp_path, capsys) -> None:
     summary.write_text(json.dumps(line) + "\n")
     main([str(summary)])
     assert capsys.readouterr().out == table
+
+
+def test_help_and_a_missing_summary_get_a_message_not_a_traceback(tmp_path) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit, match="usage"):
+        main(["--help"])
+    with pytest.raises(SystemExit, match="vsp measure --summary"):
+        main([str(tmp_path / "none.jsonl")])

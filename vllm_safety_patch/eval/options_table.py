@@ -64,9 +64,15 @@ def _line(name: str, side: str, figures: dict[str, float], closed: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m vllm_safety_patch.eval.options_table SUMMARY.jsonl")
+    usage = "usage: python -m vllm_safety_patch.eval.options_table SUMMARY.jsonl"
+    if len(args) != 1 or args[0].startswith("-"):
+        raise SystemExit(usage)
     path = Path(args[0])
+    if not path.is_file():
+        raise SystemExit(
+            f"no summary file {path}: write one with vsp measure --summary {path} "
+            "(scripts/try-option.sh writes build/options/summary.jsonl)"
+        )
     lines = [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
     sys.stdout.write(options_table(lines))
 
