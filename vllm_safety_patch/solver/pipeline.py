@@ -98,7 +98,7 @@ class _LayerCollector(PairTables):
         self.harmless: dict[str, ClassMoments] = {}
         self.width = width
         self.english_stash: dict[int, torch.Tensor] = {}  # batch id -> full [B, L, n]
-        self.twin_outputs: dict[str, torch.Tensor] = {}  # pair -> W a_en [positions, d]
+        self.twin_outputs: dict[str, torch.Tensor] = {}  # pair -> W a_en (+ residual) [p, d]
         self.neurons: torch.Tensor | None = None
         self.languages = languages
         self.pair = {lang: Regression() for lang in languages}  # harmful -> English twin
