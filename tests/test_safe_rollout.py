@@ -133,7 +133,8 @@ def test_settings_from_the_environment() -> None:
         }
     )
     assert settings.prompts == 6 and settings.thresholds["bn"].benign_max == 0.25
-    assert canary.settings_from_env({}).prompts == canary.DEFAULT_PROMPTS == 8
+    assert canary.settings_from_env({}).prompts == canary.DEFAULT_PROMPTS == 12
+    assert canary.settings_from_env({}).max_tokens == canary.DEFAULT_MAX_TOKENS == 12
     from vllm_safety_patch.errors import VSPError
 
     for env, words in (
@@ -274,9 +275,9 @@ def test_in_process_a_set_that_stops_refusing_english_is_refused(
     assert error.status == 422 and error.kind == "canary_failed", error
     en = error.canary.languages[0]
     assert (en.language, en.harmful_refused, en.harmful_n) == ("en", 0, canary.DEFAULT_PROMPTS)
-    assert (en.harmful_source, en.harmful_reference, en.harmful_fails_at) == ("baseline", 0.66, 1)
+    assert (en.harmful_source, en.harmful_reference, en.harmful_fails_at) == ("baseline", 0.66, 3)
     assert en.verdict == "fail" and en.benign_refused == 0
-    bn = error.canary.languages[1]  # base 2%: no count of 8 can fail it, and none did
+    bn = error.canary.languages[1]  # base 2%: no count of 12 can fail it, and none did
     assert bn.harmful_fails_at is None and bn.verdict == "pass"
     assert [entry.sha256 for entry in state.active] == [engine.reloads[-1][0]]
 
