@@ -14,6 +14,8 @@ for name in "$@"; do
   out=build/options/$name
   [ -f "$config" ] || { echo "no option config $config" >&2; exit 2; }
   rm -rf "$out"
-  .venv/bin/vsp solve --config "$config" --out "$out"
+  # Statistics are kept in build/solve-stats: an option that changes only solve settings
+  # (weights, rank, ridge) against one solved before skips its forward passes.
+  .venv/bin/vsp solve --config "$config" --out "$out" --stats-cache build/solve-stats
   bash scripts/measure-option.sh "$name"
 done

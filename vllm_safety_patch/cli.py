@@ -549,6 +549,14 @@ def solve_command(
         ),
     ] = False,
     model: ModelOption = None,
+    stats_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--stats-cache",
+            help="folder of per-layer statistics: a later solve that differs only in solve "
+            "settings (rank, weights, ridge, constraint) skips the forward passes",
+        ),
+    ] = None,
 ) -> None:
     """Find safety neurons and solve one sparse low-rank delta per language group.
 
@@ -571,7 +579,9 @@ def solve_command(
             def report(stage: str, done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
 
-            result = solve(model_dir, settings, names, model_id, progress=report)
+            result = solve(
+                model_dir, settings, names, model_id, progress=report, stats_cache=stats_cache
+            )
     except VSPError as error:
         _fail(error)
     from vllm_safety_patch.delta.io import write_delta

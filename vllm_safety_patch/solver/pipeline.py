@@ -36,6 +36,7 @@ from vllm_safety_patch.solver.neurons import ClassMoments, separation_scores, to
 from vllm_safety_patch.solver.prompts import SolveData, SolvePrompt, gather_solve_data
 from vllm_safety_patch.solver.settings import SolveConfig, SolverSettings
 from vllm_safety_patch.solver.statistics import Gram, PairTables, Regression
+from vllm_safety_patch.solver.stats_cache import StatsCache, checkpoint_digest, layer_key
 
 SOLVE_METHOD = (
     "sequential closed-form reduced-rank ridge on down_proj columns, each group on its own edits"
@@ -238,8 +239,13 @@ def solve(
     groups: list[str],
     model_id: str,
     progress: Progress = _no_progress,
+    stats_cache: Path | None = None,
 ) -> SolveResult:
     """Solve one delta per group in ``groups`` (names from ``config.groups``).
+
+    With ``stats_cache`` (a folder) each layer's statistics are stored there, and a pass whose
+    layers are all stored skips its forward passes (output and attention edits; see
+    ``stats_cache``): options that differ only in the solve take seconds.
 
     With ``sequential`` each group gets its own pass: its later layers are solved on
     activations moved by its own earlier edits, which is what serving that delta applies
@@ -269,6 +275,9 @@ def solve(
         )
 
     passes = [[name] for name in groups] if settings.sequential else [list(groups)]
+    cache = None
+    if stats_cache is not None and settings.edit != "input":
+        cache = _PassCache(StatsCache(stats_cache), checkpoint_digest(Path(model_dir)), config)
     steps = max(settings.layers) + 1
     timings = SolveTimings()
     edits: dict[str, list[TensorEdit]] = {}
@@ -283,7 +292,13 @@ def solve(
         languages = sorted({lang for name in pass_groups for lang in config.groups[name]})
         data = gather_solve_data(languages, config.data)
         digests.update(data.digests)
-        found = _solve_pass(model, tokenizer, config, pass_groups, data, timings, report)
+        keys = cache.keys(data, languages) if cache else {}
+        if cache and all(cache.store.has(key) for key in keys.values()):
+            found = _solve_cached(model, config, pass_groups, cache.store, keys, timings)
+        else:
+            found = _solve_pass(
+                model, tokenizer, config, pass_groups, data, timings, report, cache, keys
+            )
         for name in pass_groups:
             edits[name], neurons[name], spectra[name] = found[name]
 
@@ -337,8 +352,11 @@ def _solve_pass(
     data: SolveData,
     timings: SolveTimings,
     progress: Progress,
+    cache: _PassCache | None = None,
+    keys: dict[int, str] | None = None,
 ) -> dict[str, tuple[list[TensorEdit], dict[int, torch.Tensor], dict[int, list[float]]]]:
-    """One layer-by-layer pass over ``data``, solving ``groups`` at every edited layer."""
+    """One layer-by-layer pass over ``data``, solving ``groups`` at every edited layer
+    (storing each layer's statistics in ``cache`` under ``keys[layer]``)."""
     settings = config.solver
     languages = sorted({lang for name in groups for lang in config.groups[name]})
     english_batches = tokenize_chats(
@@ -400,6 +418,8 @@ def _solve_pass(
         neurons = collector.choose_neurons(settings.neurons_per_layer, settings.neuron_scoring)
         other_run.run_layer(collector.observe_other, advance=not attention, site=site)
         unhook()
+        if cache is not None and keys:
+            cache.store.save(keys[layer], collector, neurons)
         timings.forward_seconds += time.perf_counter() - tick  # includes hook time
 
         tick = time.perf_counter()
@@ -443,6 +463,59 @@ def _solve_pass(
         with torch.no_grad():
             module.weight.copy_(original)
     progress("layers", last_layer + 1, last_layer + 1)
+    return {group: (edits[group], dict(chosen), spectra[group]) for group in groups}
+
+
+class _PassCache:
+    """The statistics cache of one solve and how its keys are made."""
+
+    def __init__(self, store: StatsCache, checkpoint: str, config: SolveConfig) -> None:
+        self.store, self.checkpoint, self.config = store, checkpoint, config
+
+    def keys(self, data: SolveData, languages: list[str]) -> dict[int, str]:
+        solver = self.config.solver.model_dump(mode="json")
+        return {
+            layer: layer_key(
+                checkpoint=self.checkpoint,
+                solver=solver,
+                data=self.config.data.model_dump(mode="json"),
+                digests=data.digests,
+                languages=languages,
+                layer=layer,
+            )
+            for layer in self.config.solver.layers
+        }
+
+
+def _solve_cached(
+    model,
+    config: SolveConfig,
+    groups: list[str],
+    store: StatsCache,
+    keys: dict[int, str],
+    timings: SolveTimings,
+) -> dict[str, tuple[list[TensorEdit], dict[int, torch.Tensor], dict[int, list[float]]]]:
+    """``_solve_pass`` from stored statistics: no forward pass."""
+    settings = config.solver
+    aligning = settings.benign_alignment > 0
+    edits: dict[str, list[TensorEdit]] = {name: [] for name in groups}
+    chosen: dict[int, torch.Tensor] = {}
+    spectra: dict[str, dict[int | str, list[float]]] = {name: {} for name in groups}
+    tick = time.perf_counter()
+    for layer in sorted(settings.layers):
+        tables, neurons = store.load(keys[layer])
+        chosen[layer] = neurons
+        (name,) = _edited_tensors(settings, layer)
+        shape = tuple(model.get_parameter(name).shape)
+        for group in groups:
+            update = _solve(tables.statistics(config.groups[group], aligning), settings)
+            spectra[group][layer] = [round(float(v), 6) for v in update.singular_values[:64]]
+            edits[group].append(
+                TensorEdit.build(
+                    name, shape, "columns", neurons, update.B.float(), update.A.float()
+                )
+            )
+    timings.solve_seconds += time.perf_counter() - tick
     return {group: (edits[group], dict(chosen), spectra[group]) for group in groups}
 
 
