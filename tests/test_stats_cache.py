@@ -77,3 +77,26 @@ def test_the_input_edit_does_not_use_the_cache(tiny_qwen2: Path, tmp_path: Path)
     cache = tmp_path / "stats"
     solve(tiny_qwen2, tiny_config(edit="input", layers=[1]), ["african"], "tiny", stats_cache=cache)
     assert not cache.exists()
+
+
+def test_an_unpaired_language_is_held_not_mapped_and_solves_from_the_cache(
+    tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "stats"
+    paired = solve(tiny_qwen2, one_layer(), ["all"], "tiny", stats_cache=cache)
+    unpaired = solve(
+        tiny_qwen2, one_layer(unpaired_languages=["sw"]), ["all"], "tiny", stats_cache=cache
+    )
+    assert unpaired.timings.forward_seconds == 0  # a solve setting: read from the cache
+    assert (
+        unpaired.blobs
+        == solve(tiny_qwen2, one_layer(unpaired_languages=["sw"]), ["all"], "tiny").blobs
+    )
+    assert unpaired.blobs != paired.blobs
+    assert unpaired.deltas["all"].manifest.solver["unpaired_languages"] == ["sw"]
+    with pytest.raises(ValueError, match="in no group"):
+        SolveConfig(
+            solver=one_layer(unpaired_languages=["th"]).solver,
+            data=TINY_DATA,
+            groups={"african": ["sw"]},
+        )

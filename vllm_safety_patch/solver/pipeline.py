@@ -426,7 +426,9 @@ def _solve_pass(
         chosen[layer] = neurons
         updates = {}
         for group in groups:
-            stats = collector.statistics(config.groups[group], aligning)
+            stats = collector.statistics(
+                config.groups[group], aligning, unpaired=settings.unpaired_languages
+            )
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
             update = _solve(stats, settings)
@@ -508,7 +510,10 @@ def _solve_cached(
         (name,) = _edited_tensors(settings, layer)
         shape = tuple(model.get_parameter(name).shape)
         for group in groups:
-            update = _solve(tables.statistics(config.groups[group], aligning), settings)
+            stats = tables.statistics(
+                config.groups[group], aligning, unpaired=settings.unpaired_languages
+            )
+            update = _solve(stats, settings)
             spectra[group][layer] = [round(float(v), 6) for v in update.singular_values[:64]]
             edits[group].append(
                 TensorEdit.build(
@@ -573,7 +578,9 @@ def _input_layer(
         weight = module.weight.detach().float()
         target_map = weight[neurons].double()  # [k, hidden]: input change -> pre-activation
         for group in groups:
-            stats = collector.statistics(config.groups[group], aligning, target_map)
+            stats = collector.statistics(
+                config.groups[group], aligning, target_map, settings.unpaired_languages
+            )
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
             update = _solve(stats, settings)

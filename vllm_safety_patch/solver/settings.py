@@ -76,6 +76,12 @@ class SolverSettings(BaseModel):
         "{ bn = 64.0 }: hold Bengali's benign prompts harder where the edit over-refuses "
         "them); the others keep decision_weight",
     )
+    unpaired_languages: list[str] = Field(
+        default_factory=list,
+        description="languages of the group whose harmful pairs are left out of the update "
+        "(their benign prompts are still held, at their decision weight): for a language "
+        "the edit over-refuses whatever its weight, e.g. ['jv']",
+    )
     decision_balance: Literal["group", "language"] = Field(
         default="group",
         description="what decision_weight is relative to: the group's whole pair term "
@@ -144,6 +150,16 @@ class SolverSettings(BaseModel):
                 raise ValueError(f"decision_weights: {code} = {weight} must be >= 0")
         return value
 
+    @field_validator("unpaired_languages")
+    @classmethod
+    def _unpaired_languages(cls, value: list[str]) -> list[str]:
+        for code in value:
+            try:
+                check_language(code)
+            except DataError as error:
+                raise ValueError(f"unpaired_languages: {error}") from None
+        return sorted(set(value))
+
     @model_validator(mode="after")
     def _target_fits_edit(self) -> SolverSettings:
         # The direction is read from the residual stream after the edited MLP output.
@@ -209,6 +225,17 @@ class SolveConfig(BaseModel):
                 except DataError as error:
                     raise ValueError(f"group '{name}': {error}") from None
         return value
+
+    @model_validator(mode="after")
+    def _unpaired_in_groups(self) -> SolveConfig:
+        grouped = {code for languages in self.groups.values() for code in languages}
+        stray = [code for code in self.solver.unpaired_languages if code not in grouped]
+        if self.groups and stray:
+            raise ValueError(
+                f"unpaired_languages {stray} are in no group: a language is held unpaired "
+                "only inside a group that has it"
+            )
+        return self
 
 
 def load_solve_config(path: str | Path) -> SolveConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from vllm_safety_patch.solver.closed_form import LayerStatistics
@@ -77,21 +79,28 @@ class PairTables:
     benign_tokens: int
 
     def statistics(
-        self, languages: list[str], aligning: bool, target_map: torch.Tensor | None = None
+        self,
+        languages: list[str],
+        aligning: bool,
+        target_map: torch.Tensor | None = None,
+        unpaired: Collection[str] = (),
     ) -> LayerStatistics:
         """The group's statistics. English and each of ``languages`` get their own term in the
         decision-position penalty; a language's benign prompts with twins are mapped instead
         of held when ``aligning``. ``target_map`` (linear) turns stored target rows into the
         solved ones: ``T X^T`` becomes ``target_map @ T X^T``."""
-        pair = Regression.merge([self.pair[lang] for lang in languages])
+        paired = [lang for lang in languages if lang not in unpaired]
+        pair = Regression.merge([self.pair[lang] for lang in paired])
         # Each language's part of the pair term (English, paired with none, gets the mean).
         total = max(float(torch.trace(pair.gram)), 1e-12) if pair.gram is not None else 1.0
         shares = {
             lang: float(torch.trace(self.pair[lang].gram)) / total
-            for lang in languages
+            for lang in paired
             if self.pair[lang].gram is not None
         }
-        shares["en"] = 1.0 / max(len(languages), 1)
+        # English and the unpaired languages (held, not mapped) get the mean share.
+        for lang in ["en", *unpaired]:
+            shares[lang] = 1.0 / max(len(languages), 1)
         decision, decision_shares, decision_languages = [], [], []
         for lang in ["en", *languages]:
             grams = [self.decision.get(lang)]

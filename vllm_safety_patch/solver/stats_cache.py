@@ -33,6 +33,7 @@ SOLVE_ONLY = (
     "decision_weights",
     "decision_balance",
     "benign_alignment",
+    "unpaired_languages",
 )
 _TABLES = ("pair", "aligned", "decision", "decision_twinned")
 
