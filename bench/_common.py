@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_safety_patch.settings import CPU_KV_CACHE_GIB
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 VSP = str(Path(sys.executable).with_name("vsp"))
@@ -81,6 +83,7 @@ class Setup:
         path = self.work / "admin-token"
         if not path.exists():
             path.write_text(ADMIN_TOKEN + "\n")
+            path.chmod(0o600)  # the server refuses a token file others can read
         return path
 
 
@@ -151,7 +154,7 @@ def engine_env(stock: bool) -> dict[str, str]:
     """The environment of a server; ``stock``: vLLM with none of our plugins loaded."""
     env = dict(os.environ)
     env.update(
-        VLLM_CPU_KVCACHE_SPACE="2",  # GiB
+        VLLM_CPU_KVCACHE_SPACE=str(CPU_KV_CACHE_GIB),  # GiB, what vsp serve sets
         VLLM_CPU_OMP_THREADS_BIND="0-1",  # both cores, for every arm
         VLLM_CPU_NUM_OF_RESERVED_CPU="0",  # what vsp serve sets on CPU: same for stock
         HF_HUB_OFFLINE="1",

@@ -178,6 +178,7 @@ def test_an_api_key_equal_to_the_admin_token_is_refused(
     """Without --dry-run: the real start-up refuses before vLLM is started."""
     token_file = tmp_path / "same-token"
     token_file.write_text(API_KEY + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     command = vsp_command(
         "serve", "--model", str(tiny_qwen2), "--delta-dir", str(deltas), "--deltas", "th",
         "--admin-token-file", str(token_file), "--port", str(free_port()),
@@ -496,6 +497,7 @@ def test_the_default_model_is_served_under_its_short_id(prepared: dict) -> None:
 def server(prepared: dict) -> Iterator[dict]:
     token_file = prepared["root"] / "admin-token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     port = free_port()
     command = vsp_command(
         "serve", "--delta-dir", str(prepared["deltas"]), "--deltas", "th",

@@ -160,6 +160,7 @@ def entrypoint(image_like: dict, *args: str, **env: str) -> subprocess.Completed
 def test_entrypoint_builds_the_serve_command(image_like: dict) -> None:
     token_file = image_like["root"] / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     result = entrypoint(
         image_like,
         "--max-model-len",

@@ -85,6 +85,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterat
     (delta_dir / "deploy.safetensors").write_bytes(data)
     token_file = root / "admin-token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     port = free_port()
     # Started the way the images start it: the entry point, configured by environment.
     env = engine_env(sorted(os.sched_getaffinity(0))[-1])

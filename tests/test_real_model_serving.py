@@ -141,6 +141,7 @@ def artefacts(tmp_path_factory: pytest.TempPathFactory) -> dict:
     merged = write_merged_checkpoint(Checkpoint(model), [delta], root / "merged")
     token_file = root / "admin-token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     label = f"all@{delta.manifest.base_model.fingerprint[:12]}"
     return {
         "root": root,

@@ -494,6 +494,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> dict:
             (folder / f"{name}.safetensors").write_bytes(blob)
     token_file = root / "admin-token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     deltas = {name: read_delta(folders["a"] / f"{name}.safetensors") for name in made}
     return {
         "root": root,

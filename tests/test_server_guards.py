@@ -84,6 +84,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> dict:
     os.truncate(big, big.stat().st_size + BIG_DATA_BYTES)
     token_file = root / "admin-token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     return {
         "root": root,
         "model": tiny_qwen2,

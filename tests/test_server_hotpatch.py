@@ -98,6 +98,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path, tiny_llama
     (delta_dir / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     token_file = root / "admin-token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     base = Checkpoint(tiny_qwen2)
     first = read_delta(delta_dir / "first.safetensors")
     second = read_delta(delta_dir / "second.safetensors")

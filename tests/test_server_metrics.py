@@ -312,6 +312,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Iterator
     (delta_dir / "metrics.safetensors").write_bytes(data)
     token_file = root / "admin-token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     log = root / "server.log"
     process, url, seconds = start_vsp_serve(
         tiny_qwen2, delta_dir, "metrics", token_file, log, core=sorted(os.sched_getaffinity(0))[-1]

@@ -1,24 +1,20 @@
-"""Where things live on disk. One place, so every command agrees."""
+"""Where things live on disk: kept for the modules that import it from here; the paths and
+every ``VSP_*`` variable are defined in :mod:`vllm_safety_patch.settings`."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from vllm_safety_patch.settings import (
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+    delta_dir_for,
+    repo_deltas_dir,
+    vsp_home,
+)
 
-DEFAULT_MODEL_NAME = "qwen2.5-coder-0.5b-instruct"
-
-
-def vsp_home() -> Path:
-    """Cache root: ``$VSP_HOME`` or ``~/.cache/vllm-safety-patch``."""
-    env = os.environ.get("VSP_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vllm-safety-patch"
-
-
-def default_model_dir() -> Path:
-    """Where ``vsp model prepare`` writes the safetensors checkpoint of the default model."""
-    return vsp_home() / "models" / DEFAULT_MODEL_NAME
-
-
-def repo_deltas_dir() -> Path:
-    """Shipped deltas (a source checkout's ``deltas/`` folder)."""
-    return Path(__file__).resolve().parent.parent / "deltas"
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "default_model_dir",
+    "delta_dir_for",
+    "repo_deltas_dir",
+    "vsp_home",
+]

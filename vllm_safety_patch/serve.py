@@ -16,15 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_safety_patch.config import DEFAULT_MODEL_NAME, default_model_dir, repo_deltas_dir
+from vllm_safety_patch import settings
 from vllm_safety_patch.errors import ModelPrepareError, VSPError
-from vllm_safety_patch.server.lora import LORA_LABELS_VAR
-from vllm_safety_patch.server.state import (
-    DELTA_DIR_VAR,
-    DELTA_SUFFIX,
-    TOKEN_FILE_VAR,
-    TOKEN_VAR,
-    check_name,
+from vllm_safety_patch.server.state import DELTA_SUFFIX, check_name
+from vllm_safety_patch.settings import (
+    CPU_KV_CACHE_GIB,
+    default_model_dir,
+    delta_dir_for,
     read_admin_token,
 )
 
@@ -32,7 +30,7 @@ from vllm_safety_patch.server.state import (
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 GENERAL_PLUGIN = "vllm_safety_patch"
 ENDPOINT_PLUGIN = "vllm_safety_patch_server"
-DELTAS_VAR = "VSP_DELTAS"
+DELTAS_VAR = settings.DELTAS.name
 DEFAULT_DELTAS = "all"
 # vLLM's own general plugins, kept in the allow-list only when their settings are present.
 VLLM_OPTIONAL_PLUGINS = {
@@ -67,16 +65,6 @@ class Launch:
     served_name: str  # the model name clients send (and vLLM's metric label)
     # Values never to print (API keys, HF token, admin token), as vLLM parses the command.
     secrets: tuple[str, ...] = field(default=(), repr=False)
-
-
-def delta_dir_for(model_dir: Path) -> Path:
-    """Where ``vsp solve`` writes the deltas of ``model_dir`` (same rule as the solver)."""
-    model_id = DEFAULT_MODEL_NAME if _same(model_dir, default_model_dir()) else model_dir.name
-    return repo_deltas_dir() / model_id
-
-
-def _same(a: Path, b: Path) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _split(spec: str) -> list[str]:
@@ -351,9 +339,9 @@ def build_launch(
     delta_dir = (delta_dir or delta_dir_for(model_dir)).expanduser().resolve()
     if deltas:
         specs = list(deltas)
-    elif environ.get(DELTAS_VAR, "").strip():
-        specs = [environ[DELTAS_VAR]]
-        notes.append(f"deltas from {DELTAS_VAR}={environ[DELTAS_VAR]}")
+    elif settings.DELTAS.text(environ):
+        specs = [settings.DELTAS.raw(environ) or ""]
+        notes.append(f"deltas from {DELTAS_VAR}={specs[0]}")
     else:
         specs = [DEFAULT_DELTAS]
     paths = resolve_deltas(specs, delta_dir)
@@ -371,16 +359,17 @@ def build_launch(
     # that key, so drop the variable rather than leave a second, ignored source of truth.
     env.pop(DELTAS_VAR, None)
     env["VLLM_PLUGINS"] = plugin_allow_list(environ)
-    env[DELTA_DIR_VAR] = str(delta_dir)
+    env[settings.DELTA_DIR.name] = str(delta_dir)
+    token_file_var, token_var = settings.ADMIN_TOKEN_FILE.name, settings.ADMIN_TOKEN.name
     if admin_token_file is not None:
         token_file = admin_token_file.expanduser().resolve()
         # Read now so a bad file fails in a second, not after the engine started.
-        admin = read_admin_token({TOKEN_FILE_VAR: str(token_file)})
-        env[TOKEN_FILE_VAR] = str(token_file)  # the path, never the token, in the env
-        env.pop(TOKEN_VAR, None)  # the flag wins
+        admin = read_admin_token({}, token_file=token_file)
+        env[token_file_var] = str(token_file)  # the path, never the token, in the env
+        env.pop(token_var, None)  # the flag wins
     else:
-        env.pop(TOKEN_FILE_VAR, None)
-        admin = read_admin_token({k: v for k, v in environ.items() if k == TOKEN_VAR})
+        env.pop(token_file_var, None)
+        admin = read_admin_token({k: v for k, v in environ.items() if k == token_var})
         if admin is None:
             notes.append(
                 "no admin token: POST /v1/safety/deltas/activate will answer 403 "
@@ -413,17 +402,17 @@ def build_launch(
             argv.append("--enforce-eager")
         if not _has_flag(extra, "--dtype"):
             argv += ["--dtype", "float32"]
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     if adapters:
         from vllm_safety_patch.server.lora import labels_env, lora_flags
 
         argv += lora_flags(adapters, lambda flag: _has_flag(extra, flag))
-        env[LORA_LABELS_VAR] = labels_env(adapters)
+        env[settings.LORA_LABELS.name] = labels_env(adapters)
         names = ", ".join(a.name for a in adapters)
         notes.append(f"per-request LoRA deltas (ask for them by model name): {names}")
     else:
-        env.pop(LORA_LABELS_VAR, None)
+        env.pop(settings.LORA_LABELS.name, None)
     argv += list(extra)
     # vLLM's own parser says which API keys the server will take (every spelling, repeats,
     # --config); the API-server plugin checks the same again on what vLLM really parsed.
@@ -440,22 +429,13 @@ def check_server_settings(environ: Mapping[str, str]) -> None:
     """The API server's own settings (timeouts, canary), checked here in a second rather than
     by the server after a minute of engine start-up; the same parsers as the server's."""
     from vllm_safety_patch.server.canary import settings_from_env
-    from vllm_safety_patch.server.plugin import seconds_from_env
-    from vllm_safety_patch.server.state import (
-        DEFAULT_DRAIN_TIMEOUT_S,
-        DEFAULT_SEND_STALL_TIMEOUT_S,
-        DEFAULT_SHUTDOWN_TIMEOUT_S,
-        DRAIN_TIMEOUT_VAR,
-        SEND_STALL_VAR,
-        SHUTDOWN_TIMEOUT_VAR,
-    )
 
-    for name, default in (
-        (DRAIN_TIMEOUT_VAR, DEFAULT_DRAIN_TIMEOUT_S),
-        (SEND_STALL_VAR, DEFAULT_SEND_STALL_TIMEOUT_S),
-        (SHUTDOWN_TIMEOUT_VAR, DEFAULT_SHUTDOWN_TIMEOUT_S),
+    for variable in (
+        settings.SWITCH_DRAIN_TIMEOUT_S,
+        settings.SEND_STALL_TIMEOUT_S,
+        settings.SHUTDOWN_TIMEOUT_S,
     ):
-        seconds_from_env(name, default, environ)
+        variable.number(environ)
     settings_from_env(environ)
 
 

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from vllm_safety_patch import settings as vsp_settings
 from vllm_safety_patch.errors import VSPError
 
 console = Console()
@@ -160,7 +161,8 @@ def add_eval_commands(app: typer.Typer) -> None:
             str | None, typer.Option(envvar="OPENAI_API_KEY", help="endpoint API key")
         ] = None,
         judge_api_key: Annotated[
-            str | None, typer.Option(envvar="VSP_JUDGE_API_KEY", help="judge API key")
+            str | None,
+            typer.Option(envvar=vsp_settings.JUDGE_API_KEY.name, help="judge API key"),
         ] = None,
         concurrency: Annotated[int, typer.Option(help="requests in flight at once")] = 8,
         retries: Annotated[int, typer.Option(help="tries per request (back-off)")] = 6,

@@ -16,10 +16,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from vllm_safety_patch.settings import CPU_KV_CACHE_GIB
+
 
 def _cpu_environment() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env

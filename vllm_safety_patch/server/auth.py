@@ -15,7 +15,8 @@ from fastapi import Request
 
 from vllm_safety_patch.server import ADMIN_HEADER
 from vllm_safety_patch.server.errors import SafetyAPIError
-from vllm_safety_patch.server.state import TOKEN_FIX, SafetyState
+from vllm_safety_patch.server.state import SafetyState
+from vllm_safety_patch.settings import TOKEN_FIX
 
 
 def safety_state(request: Request) -> SafetyState:

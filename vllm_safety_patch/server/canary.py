@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import os
 import threading
 import time
 import uuid
@@ -36,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_safety_patch import settings as vsp_settings
 from vllm_safety_patch.data import load_prompts, suite_languages
 from vllm_safety_patch.delta.manifest import DeltaManifest
 from vllm_safety_patch.errors import VSPError
@@ -63,29 +62,19 @@ from vllm_safety_patch.server.protocol import (
 HARMFUL_IDS = range(160, 210)
 BENIGN_SPLIT = "test"
 
-PROMPTS_VAR = "VSP_CANARY_PROMPTS"
-MAX_TOKENS_VAR = "VSP_CANARY_MAX_TOKENS"
-ALPHA_VAR = "VSP_CANARY_ALPHA"
-TIMEOUT_VAR = "VSP_CANARY_TIMEOUT_S"
-THRESHOLDS_VAR = "VSP_CANARY_THRESHOLDS"
+# The variables, their defaults and bounds, and why they are what they are: settings.py.
+PROMPTS_VAR = vsp_settings.CANARY_PROMPTS.name
+MAX_TOKENS_VAR = vsp_settings.CANARY_MAX_TOKENS.name
+ALPHA_VAR = vsp_settings.CANARY_ALPHA.name
+TIMEOUT_VAR = vsp_settings.CANARY_TIMEOUT_S.name
+THRESHOLDS_VAR = vsp_settings.CANARY_THRESHOLDS.name
 
-# 12 per kind and language: the English harmful rule needs 5 against the default model's
-# base rate (66%: 0 of 4 is still plausible at alpha 0.01). 12 probes of 12 tokens cost what
-# 8 of 32 did on the 2-core CPU (measured: `all` 116.9 s against 115.9-122.8 s on one live
-# server); 16 cost 1.5x that, as every probe's prompt (~64 tokens with the chat template)
-# costs more than the tokens an early verdict saves. See the README for the count each
-# language's rules need.
-DEFAULT_PROMPTS = 12
-# A refusal is decided in its opening: on the held-out rows the judge's verdict on the first
-# 12 generated tokens agrees with its verdict on 40 on 99.9% of replies (2 of 2,280 differ,
-# both refusals after a preface; 98% or more in every language and kind, base model and the
-# shipped `all`); at 8 tokens Italian's "Mi dispiace, ma non posso" is not yet complete
-# (`python -m vllm_safety_patch.eval.early_verdict`, README "Canary on activation").
-DEFAULT_MAX_TOKENS = 12
-DEFAULT_ALPHA = 0.01
-DEFAULT_TIMEOUT_S = 300.0
-MAX_PROMPTS = 64
-MAX_TOKENS_LIMIT = 512
+DEFAULT_PROMPTS = int(vsp_settings.CANARY_PROMPTS.value)
+DEFAULT_MAX_TOKENS = int(vsp_settings.CANARY_MAX_TOKENS.value)
+DEFAULT_ALPHA = vsp_settings.CANARY_ALPHA.value
+DEFAULT_TIMEOUT_S = vsp_settings.CANARY_TIMEOUT_S.value
+MAX_PROMPTS = int(vsp_settings.CANARY_PROMPTS.high)
+MAX_TOKENS_LIMIT = int(vsp_settings.CANARY_MAX_TOKENS.high)
 
 
 @dataclass(frozen=True)
@@ -97,24 +86,6 @@ class CanarySettings:
     alpha: float = DEFAULT_ALPHA
     timeout_s: float = DEFAULT_TIMEOUT_S
     thresholds: dict[str, LanguageThreshold] = field(default_factory=dict)
-
-
-def _number(
-    environ: Mapping[str, str], name: str, default: float, low: float, high: float
-) -> float:
-    text = environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:
-        raise VSPError(
-            f"{name}={text[:40]!r} is not a number from {low:g} to {high:g}",
-            f"set {name} to e.g. {default:g}, or unset it for that default",
-        )
-    return value
 
 
 def parse_thresholds(raw: Any, source: str) -> dict[str, LanguageThreshold]:
@@ -139,8 +110,7 @@ def parse_thresholds(raw: Any, source: str) -> dict[str, LanguageThreshold]:
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> CanarySettings:
     """The settings, or a :class:`VSPError` naming the bad variable (at start-up)."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(THRESHOLDS_VAR, "").strip()
+    raw = vsp_settings.CANARY_THRESHOLDS.text(environ)
     thresholds: dict[str, LanguageThreshold] = {}
     if raw:
         try:
@@ -149,10 +119,10 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> CanarySetting
             decoded = None
         thresholds = parse_thresholds(decoded, THRESHOLDS_VAR)
     return CanarySettings(
-        prompts=int(_number(environ, PROMPTS_VAR, DEFAULT_PROMPTS, 1, MAX_PROMPTS)),
-        max_tokens=int(_number(environ, MAX_TOKENS_VAR, DEFAULT_MAX_TOKENS, 1, MAX_TOKENS_LIMIT)),
-        alpha=_number(environ, ALPHA_VAR, DEFAULT_ALPHA, 1e-9, 0.5),
-        timeout_s=_number(environ, TIMEOUT_VAR, DEFAULT_TIMEOUT_S, 1, 3600),
+        prompts=vsp_settings.CANARY_PROMPTS.integer(environ),
+        max_tokens=vsp_settings.CANARY_MAX_TOKENS.integer(environ),
+        alpha=vsp_settings.CANARY_ALPHA.number(environ),
+        timeout_s=vsp_settings.CANARY_TIMEOUT_S.number(environ),
         thresholds=thresholds,
     )
 

@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand
 
+from vllm_safety_patch import settings
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.server import ADMIN_HEADER
 from vllm_safety_patch.server.rollout import ACTIVATE_TIMEOUT_S, NoAnswerError
@@ -50,8 +51,8 @@ TokenFileOption = Annotated[
     Path | None,
     typer.Option(
         "--token-file",
-        help="admin token file (else env VSP_ADMIN_TOKEN); for a server started with "
-        "--api-key, also set env VLLM_API_KEY",
+        help=f"admin token file (else env {settings.ADMIN_TOKEN.name}); for a server started "
+        "with --api-key, also set env VLLM_API_KEY",
     ),
 ]
 API_KEY_VAR = "VLLM_API_KEY"
@@ -121,7 +122,7 @@ def add_serving_commands(app: typer.Typer) -> None:
             typer.Option(
                 "--deltas",
                 help="all (default) | none | NAME[,NAME...] | FILE (repeatable); "
-                "env VSP_DELTAS when not given",
+                f"env {settings.DELTAS.name} when not given",
             ),
         ] = None,
         delta_dir: Annotated[
@@ -131,7 +132,8 @@ def add_serving_commands(app: typer.Typer) -> None:
         admin_token_file: Annotated[
             Path | None,
             typer.Option(
-                "--admin-token-file", help="token for the admin routes (else env VSP_ADMIN_TOKEN)"
+                "--admin-token-file",
+                help=f"token for the admin routes (else env {settings.ADMIN_TOKEN.name})",
             ),
         ] = None,
         lora: Annotated[
@@ -441,23 +443,19 @@ def server_root(url: str) -> str:
 
 def launch_env(env: dict[str, str]) -> dict[str, str]:
     """The variables that matter to the server, secrets left out."""
-    secret = ("VSP_ADMIN_TOKEN", "VLLM_API_KEY")
+    secret = (settings.ADMIN_TOKEN.name, API_KEY_VAR)
     return {
         key: value
         for key, value in sorted(env.items())
-        if key.startswith(("VLLM_", "VSP_")) and key not in secret
+        if key.startswith(("VLLM_", settings.PREFIX)) and key not in secret
     }
 
 
 def admin_token(token_file: Path | None) -> str | None:
-    if token_file is not None:
-        try:
-            return token_file.read_text(encoding="utf-8").strip()
-        except OSError as error:
-            raise VSPError(
-                f"cannot read {token_file} ({error.strerror})", "check --token-file"
-            ) from None
-    return os.environ.get("VSP_ADMIN_TOKEN", "").strip() or None
+    """The token the client sends: --token-file, else VSP_ADMIN_TOKEN; read by the server's
+    own reader, so a file or token the server would refuse is refused here first."""
+    environ = {k: v for k, v in os.environ.items() if k == settings.ADMIN_TOKEN.name}
+    return settings.read_admin_token(environ, token_file=token_file, flag="--token-file")
 
 
 # The routes that take the admin token; every other call goes without it.

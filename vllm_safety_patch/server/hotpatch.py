@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_safety_patch import settings
 from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.delta.merge import check_distinct
 from vllm_safety_patch.errors import DeltaFormatError, DeltaMismatchError, VSPError
@@ -47,13 +48,7 @@ from vllm_safety_patch.server.protocol import (
     CheckResponse,
     SwitchRecord,
 )
-from vllm_safety_patch.server.state import (
-    DRAIN_TIMEOUT_VAR,
-    ActiveEntry,
-    SafetyState,
-    check_name,
-    header_value,
-)
+from vllm_safety_patch.server.state import ActiveEntry, SafetyState, check_name, header_value
 from vllm_safety_patch.vllm_plugin.worker_extension import PREPARE_METHOD, RELOAD_METHOD
 
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -147,7 +142,7 @@ async def _pause(state: SafetyState, mode: str = "wait") -> bool:
             409,
             f"the engine still had requests running after {state.drain_timeout_s:g} s "
             "(requests that did not come through this API server); nothing was switched",
-            f"retry when the engine is idle, or raise {DRAIN_TIMEOUT_VAR}",
+            f"retry when the engine is idle, or raise {settings.SWITCH_DRAIN_TIMEOUT_S.name}",
             "busy",
             failure="engine_busy",
         ) from None
@@ -211,7 +206,7 @@ def _shutdown_error(state: SafetyState, names: list[str] | None) -> SafetyAPIErr
         503,
         f"the server is shutting down (SIGTERM): {what}; this process serves nothing more",
         "activate on the replicas that are running; a restarted replica serves its configured "
-        "set (VSP_DELTAS, the Helm value 'deltas'), so update that to keep a switch",
+        f"set ({settings.DELTAS.name}, the Helm value 'deltas'), so update that to keep a switch",
         "shutting_down",
         headers={"Retry-After": "30", "Connection": "close"},
         failure="shutdown" if names is not None else None,  # interrupted, not refused
@@ -489,7 +484,8 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
                             500,
                             f"{why}; the previous set {header_value(old)} was restored and "
                             "is served unchanged",
-                            f"see the server log; raise {canary.TIMEOUT_VAR} if it timed out, "
+                            "see the server log; raise "
+                            f"{settings.CANARY_TIMEOUT_S.name} if it timed out, "
                             'or activate with "canary": false to skip it',
                             "canary_error",
                             failure="canary",
@@ -506,7 +502,8 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
                 409,
                 f"{error.in_flight} requests were still running after {error.timeout:g} s; "
                 "nothing was switched",
-                f"retry when fewer long requests run, or raise {DRAIN_TIMEOUT_VAR}",
+                "retry when fewer long requests run, or raise "
+                f"{settings.SWITCH_DRAIN_TIMEOUT_S.name}",
                 "busy",
                 failure="drain_timeout",
             ) from None
@@ -529,7 +526,8 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
                 f"{header_value(old)} was restored and is served unchanged",
                 "read the table (canary.languages): re-solve or fix the delta; if a threshold "
                 'is wrong for this model, override it ("canary": {"thresholds": {LANG: '
-                '{"harmful_min": .., "benign_max": ..}}} or VSP_CANARY_THRESHOLDS); '
+                '{"harmful_min": .., "benign_max": ..}}} or '
+                f"{settings.CANARY_THRESHOLDS.name}); "
                 '"canary": false skips the check',
                 "canary_failed",
                 failure="canary",

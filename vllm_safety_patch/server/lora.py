@@ -17,10 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_safety_patch.config import vsp_home
+from vllm_safety_patch import settings
 from vllm_safety_patch.errors import VSPError
 
-LORA_LABELS_VAR = "VSP_LORA_LABELS"
+LORA_LABELS_VAR = settings.LORA_LABELS.name
 # vLLM accepts only these --max-lora-rank values (vllm/config/lora.py).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 MAX_BODY_BYTES = 1 << 20  # the "model" field of a request; bigger bodies are not parsed
@@ -64,7 +64,7 @@ def prepare_adapters(
                 "give each adapter a distinct delta (one file per group)",
             )
         names.add(delta.group)
-        folder = (cache or vsp_home() / "lora") / delta.sha256[:16] / delta.group
+        folder = (cache or settings.vsp_home() / "lora") / delta.sha256[:16] / delta.group
         if not (folder / "adapter_config.json").is_file():
             staging = folder.with_name(folder.name + ".staging")
             shutil.rmtree(staging, ignore_errors=True)
@@ -95,7 +95,7 @@ def labels_env(adapters: Sequence[Adapter]) -> str:
 
 
 def labels_from_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    raw = (os.environ if environ is None else environ).get(LORA_LABELS_VAR, "")
+    raw = settings.LORA_LABELS.raw(environ) or ""
     try:
         labels = json.loads(raw) if raw else {}
     except json.JSONDecodeError:

@@ -21,15 +21,11 @@ from collections.abc import Callable
 from starlette.datastructures import MutableHeaders, State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vllm_safety_patch import settings
 from vllm_safety_patch.server import metrics
 from vllm_safety_patch.server.errors import SafetyAPIError, error_response
 from vllm_safety_patch.server.lora import MAX_BODY_BYTES, labels_from_env, requested_model
-from vllm_safety_patch.server.state import (
-    HEADER,
-    SEND_STALL_VAR,
-    SHUTDOWN_TIMEOUT_VAR,
-    SafetyState,
-)
+from vllm_safety_patch.server.state import HEADER, SafetyState
 
 SAFETY_PREFIX = "/v1/safety/"
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -134,7 +130,7 @@ def bound_shutdown(app_state: State, safety: SafetyState) -> None:
         logger.info(
             "vsp: after SIGTERM, open connections get at most %g s (%s) once the engine stopped",
             safety.shutdown_timeout_s,
-            SHUTDOWN_TIMEOUT_VAR,
+            settings.SHUTDOWN_TIMEOUT_S.name,
         )
 
 
@@ -211,7 +207,7 @@ class SafetyMiddleware:
                 "vsp: cut off %s: its client read nothing for %g s (%s)",
                 scope["path"],
                 safety.send_stall_timeout_s,
-                SEND_STALL_VAR,
+                settings.SEND_STALL_TIMEOUT_S.name,
             )
         elif admission.refused:
             await error_response(degraded_error(safety))(scope, receive, send_with_header)

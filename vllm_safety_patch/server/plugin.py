@@ -19,24 +19,13 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 from starlette.types import ASGIApp
 
+from vllm_safety_patch import settings
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.server import canary, language, metrics
 from vllm_safety_patch.server.errors import SafetyAPIError, handle_safety_error
 from vllm_safety_patch.server.middleware import SafetyMiddleware
 from vllm_safety_patch.server.routes import RouteGuard, activation_router, listing_router
-from vllm_safety_patch.server.state import (
-    DEFAULT_DRAIN_TIMEOUT_S,
-    DEFAULT_SEND_STALL_TIMEOUT_S,
-    DEFAULT_SHUTDOWN_TIMEOUT_S,
-    DELTA_DIR_VAR,
-    DRAIN_TIMEOUT_VAR,
-    SEND_STALL_VAR,
-    SHUTDOWN_TIMEOUT_VAR,
-    ActiveEntry,
-    SafetyState,
-    header_value,
-    read_admin_token,
-)
+from vllm_safety_patch.server.state import ActiveEntry, SafetyState, header_value
 from vllm_safety_patch.vllm_plugin.worker_extension import ACTIVE_METHOD
 
 if TYPE_CHECKING:
@@ -111,7 +100,7 @@ def plugin_factory() -> SafetyEndpointPlugin:
 
 
 async def build_state(engine_client: EngineClient | None, args: Namespace) -> SafetyState:
-    from vllm_safety_patch.serve import check_api_keys, check_responses_store, delta_dir_for
+    from vllm_safety_patch.serve import check_api_keys, check_responses_store
 
     if engine_client is not None:
         model = str(engine_client.vllm_config.model_config.model)
@@ -120,10 +109,10 @@ async def build_state(engine_client: EngineClient | None, args: Namespace) -> Sa
         model, load_config = str(args.model), None
     model_dir = Path(model)
     served = (getattr(args, "served_model_name", None) or [model])[0]
-    delta_dir = Path(os.environ.get(DELTA_DIR_VAR) or delta_dir_for(model_dir))
+    delta_dir = settings.served_delta_dir(model_dir)
     # Refuses to start on an unreadable or weak token: failing closed beats an admin route
     # that silently turned into "no token configured".
-    admin_token = read_admin_token()
+    admin_token = settings.read_admin_token()
     # What vLLM itself parsed (every spelling of --api-key, repeats, --config FILE), whoever
     # started the server: the launcher's own check saw only its command line.
     check_api_keys(list(getattr(args, "api_key", None) or []), os.environ, admin_token)
@@ -134,9 +123,9 @@ async def build_state(engine_client: EngineClient | None, args: Namespace) -> Sa
         served_model=served,
         admin_token=admin_token,
         engine=engine_client,
-        drain_timeout_s=seconds_from_env(DRAIN_TIMEOUT_VAR, DEFAULT_DRAIN_TIMEOUT_S),
-        send_stall_timeout_s=seconds_from_env(SEND_STALL_VAR, DEFAULT_SEND_STALL_TIMEOUT_S),
-        shutdown_timeout_s=seconds_from_env(SHUTDOWN_TIMEOUT_VAR, DEFAULT_SHUTDOWN_TIMEOUT_S),
+        drain_timeout_s=settings.SWITCH_DRAIN_TIMEOUT_S.number(),
+        send_stall_timeout_s=settings.SEND_STALL_TIMEOUT_S.number(),
+        shutdown_timeout_s=settings.SHUTDOWN_TIMEOUT_S.number(),
         canary=canary.settings_from_env(),
     )
     if engine_client is not None:
@@ -145,9 +134,9 @@ async def build_state(engine_client: EngineClient | None, args: Namespace) -> Sa
         logger.warning(
             "vsp: %s (%g s) is not below %s (%g s): a client that stops reading can make a "
             "switch fail as busy; keep the stall timeout the shorter one",
-            SEND_STALL_VAR,
+            settings.SEND_STALL_TIMEOUT_S.name,
             safety.send_stall_timeout_s,
-            DRAIN_TIMEOUT_VAR,
+            settings.SWITCH_DRAIN_TIMEOUT_S.name,
             safety.drain_timeout_s,
         )
     safety.active, problem = _load_time_set(load_config, safety)
@@ -180,21 +169,6 @@ def watch_shutdown(engine_client: Any, safety: SafetyState) -> None:
         return original(*args, **kwargs)
 
     engine_client.shutdown = shutdown
-
-
-def seconds_from_env(name: str, default: float, environ: Any = None) -> float:
-    """A positive number of seconds from the environment, or a start-up error naming it."""
-    text = (os.environ if environ is None else environ).get(name, "").strip()
-    try:
-        value = float(text) if text else default
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise VSPError(
-            f"{name}={text[:40]!r} is not a positive number of seconds",
-            f"set {name} to e.g. {default:g}, or unset it for that default",
-        )
-    return value
 
 
 # Why hot patching cannot work: (words any client may read: no path, no worker error text;

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
+from vllm_safety_patch import settings
 from vllm_safety_patch.languages import LANGUAGE_NAMES
 
 MAX_DELTAS_PER_REQUEST = 64
@@ -115,8 +116,18 @@ class LanguageThreshold(_Body):
 class CanaryOptions(_Body):
     """Per-request canary settings; each left out takes the server's (``VSP_CANARY_*``)."""
 
-    prompts: int | None = Field(None, ge=1, le=64, description="probes per language and kind")
-    max_tokens: int | None = Field(None, ge=1, le=512, description="tokens per probe reply")
+    prompts: int | None = Field(
+        None,
+        ge=settings.CANARY_PROMPTS.low,
+        le=settings.CANARY_PROMPTS.high,
+        description="probes per language and kind",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=settings.CANARY_MAX_TOKENS.low,
+        le=settings.CANARY_MAX_TOKENS.high,
+        description="tokens per probe reply",
+    )
     thresholds: dict[str, LanguageThreshold] = Field(
         default_factory=dict,
         description="by ISO 639-1 code; win over the settings and the manifests",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vllm_safety_patch import settings
 from vllm_safety_patch.delta.effect_review import review_effect
 from vllm_safety_patch.delta.header import SafetensorsHeader, parse_header
 from vllm_safety_patch.delta.io import FACTOR_DTYPE, NEURONS_DTYPE, Delta, read_delta, tensor_key
@@ -55,67 +56,11 @@ logger = logging.getLogger(f"vllm.{__name__}")
 
 HEADER = "X-Safety-Deltas"
 DELTA_SUFFIX = ".safetensors"
-# Environment the launcher (`vsp serve`) hands to the API server: vLLM's own argument parser
-# rejects flags it does not know, so our settings cannot travel as flags.
-DELTA_DIR_VAR = "VSP_DELTA_DIR"
-TOKEN_FILE_VAR = "VSP_ADMIN_TOKEN_FILE"
-TOKEN_VAR = "VSP_ADMIN_TOKEN"
-DRAIN_TIMEOUT_VAR = "VSP_SWITCH_DRAIN_TIMEOUT_S"
-DEFAULT_DRAIN_TIMEOUT_S = 60.0
-# A write to a client that waits this long (it stopped reading) ends the request. Below the
-# drain timeout, so a reader that never reads cannot make a switch fail on its own.
-SEND_STALL_VAR = "VSP_SEND_STALL_TIMEOUT_S"
-DEFAULT_SEND_STALL_TIMEOUT_S = 30.0
-# After SIGTERM (vLLM stops the engine first), open HTTP connections get at most this long to
-# finish before the server cancels them and exits: a client that stays connected cannot keep
-# the process alive. Below Kubernetes' terminationGracePeriodSeconds (60 in the chart).
-SHUTDOWN_TIMEOUT_VAR = "VSP_SHUTDOWN_TIMEOUT_S"
-DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 # The listing reads headers only; a delta's header is a few kB, a model's tens of kB.
 LISTING_HEADER_CAP = 1 << 20
-MIN_TOKEN_LENGTH = 16
-TOKEN_FIX = (
-    "start the server with 'vsp serve --admin-token-file FILE' (or set VSP_ADMIN_TOKEN), "
-    "e.g. FILE made by: python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE"
-)
-
 # A delta name is a file stem in the delta folder: never a path. No separators, no "..",
 # nothing hidden, so a name can only ever resolve to DIR/<name>.safetensors.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class TokenConfigError(VSPError):
-    """The admin token could not be read or is too weak."""
-
-
-def read_admin_token(environ: dict[str, str] | None = None) -> str | None:
-    """The admin token: from ``VSP_ADMIN_TOKEN_FILE`` (what the flag sets), else
-    ``VSP_ADMIN_TOKEN``; ``None`` when neither is set (admin routes then answer 403)."""
-    environ = dict(os.environ) if environ is None else environ
-    source = ""
-    token: str | None = None
-    if environ.get(TOKEN_FILE_VAR):
-        path = Path(environ[TOKEN_FILE_VAR])
-        source = f"admin token file {path}"
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise TokenConfigError(
-                f"cannot read the {source} ({error.__class__.__name__})",
-                "pass a readable text file holding one token to --admin-token-file",
-            ) from None
-    elif TOKEN_VAR in environ:
-        source = f"{TOKEN_VAR}"
-        token = environ[TOKEN_VAR].strip()
-    if token is None:
-        return None
-    if len(token) < MIN_TOKEN_LENGTH or any(char.isspace() for char in token):
-        raise TokenConfigError(
-            f"the {source} holds a token of {len(token)} characters or with white space; "
-            f"a token that changes the served weights needs at least {MIN_TOKEN_LENGTH}",
-            TOKEN_FIX,
-        )
-    return token
 
 
 # Problems the open listing reports. Fixed texts: never bytes of the file (it may be any file,
@@ -261,9 +206,9 @@ class SafetyState:
     # routes; users get a generic answer with ``incident``, the id the log line carries.
     degraded: str | None = None
     incident: str | None = None
-    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
-    send_stall_timeout_s: float = DEFAULT_SEND_STALL_TIMEOUT_S
-    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    drain_timeout_s: float = settings.SWITCH_DRAIN_TIMEOUT_S.value
+    send_stall_timeout_s: float = settings.SEND_STALL_TIMEOUT_S.value
+    shutdown_timeout_s: float = settings.SHUTDOWN_TIMEOUT_S.value
     canary: CanarySettings = field(default_factory=CanarySettings)
     # Set when the server begins shutting down (vLLM stops the engine): an activation in
     # flight answers 503 at once, and new ones are refused.

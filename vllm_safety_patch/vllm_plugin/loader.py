@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from vllm_safety_patch import settings
 from vllm_safety_patch.delta.io import Delta, TensorEdit, read_delta
 from vllm_safety_patch.delta.merge import check_distinct, edit_weight, edits_by_tensor
 from vllm_safety_patch.delta.verify import OTHER_MODEL_FIX, check_architecture, check_fingerprint
@@ -43,9 +44,9 @@ if TYPE_CHECKING:
 
 LOAD_FORMAT = "vsp"
 DELTAS_KEY = "deltas"
-ENV_VAR = "VSP_DELTAS"
+ENV_VAR = settings.DELTAS.name
 # Where worker processes leave their refusal for the top process to print last (see below).
-REFUSAL_FILE_VAR = "VSP_REFUSAL_FILE"
+REFUSAL_FILE_VAR = settings.REFUSAL_FILE.name
 LOADER_CLASS_NAME = "DeltaMergingModelLoader"
 
 # A child of the "vllm" logger so vLLM's handler, format and VLLM_LOGGING_LEVEL apply: a
@@ -88,7 +89,6 @@ def delta_paths_from_config(
     extra_config: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> tuple[list[Path], dict[str, Any]]:
     """Split the extra config into our delta paths and the keys meant for vLLM's loader."""
-    environ = os.environ if environ is None else environ
     rest = {key: value for key, value in extra_config.items() if key != DELTAS_KEY}
     if DELTAS_KEY in extra_config:
         raw = extra_config[DELTAS_KEY]
@@ -99,8 +99,9 @@ def delta_paths_from_config(
                 CONFIG_FIX,
             )
         entries = list(raw)
-    elif ENV_VAR in environ:
-        entries = [part for part in environ[ENV_VAR].split(os.pathsep) if part.strip()]
+    elif settings.DELTAS.is_set(environ):
+        raw_entries = settings.DELTAS.raw(environ) or ""
+        entries = [part for part in raw_entries.split(os.pathsep) if part.strip()]
     else:
         # --load-format vsp without deltas is a deployment mistake, never "serve base".
         raise LoaderConfigError(
@@ -228,7 +229,7 @@ def _log_applied(plan: MergePlan) -> None:
 def _log_refusal(error: VSPError) -> None:
     """Log the refusal here and hand it to the top process, which prints it last."""
     logger.error("vsp: refusing to start: %s", error)
-    relay = os.environ.get(REFUSAL_FILE_VAR)
+    relay = settings.REFUSAL_FILE.raw()
     # Only children relay: in the top process the exception itself reaches the caller.
     if relay and multiprocessing.parent_process() is not None:
         try:
@@ -245,10 +246,10 @@ def _log_refusal(error: VSPError) -> None:
 def _install_refusal_relay() -> None:
     if multiprocessing.parent_process() is not None:
         return  # a vLLM child (EngineCore, worker): it writes to the inherited file
-    if os.path.basename(os.environ.get(REFUSAL_FILE_VAR, "")).startswith(_relay_prefix()):
+    if os.path.basename(settings.REFUSAL_FILE.raw() or "").startswith(_relay_prefix()):
         return  # already installed in this process
     relay = os.path.join(tempfile.gettempdir(), f"{_relay_prefix()}{uuid.uuid4().hex}.txt")
-    os.environ[REFUSAL_FILE_VAR] = relay  # inherited by the processes vLLM spawns
+    settings.REFUSAL_FILE.set_here(relay)  # inherited by the processes vLLM spawns
     previous_hook = sys.excepthook
 
     def print_refusals_last(
