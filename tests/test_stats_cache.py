@@ -13,6 +13,7 @@ from vllm_safety_patch.solver.pipeline import solve
 from vllm_safety_patch.solver.settings import SolveConfig
 
 GROUPS = ["east-asian", "all"]
+GROUP = ["zh", "ko", "sw"]  # tiny_config's "all"
 
 
 def one_layer(**solver: object) -> SolveConfig:
@@ -99,4 +100,29 @@ def test_an_unpaired_language_is_held_not_mapped_and_solves_from_the_cache(
             solver=one_layer(unpaired_languages=["th"]).solver,
             data=TINY_DATA,
             groups={"african": ["sw"]},
+        )
+
+
+def test_a_language_shift_removed_solves_from_the_cache_and_matches_a_fresh_solve(
+    tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "stats"
+    data = TINY_DATA.model_copy(update={"everyday_rows": 4})  # the shift's English twins
+
+    def config(**solver: object) -> SolveConfig:
+        settings = one_layer().solver.model_copy(update=solver)
+        return SolveConfig(solver=settings, data=data, groups={"all": GROUP})
+
+    kept = solve(tiny_qwen2, config(), ["all"], "tiny", stats_cache=cache)
+    removed = solve(
+        tiny_qwen2, config(language_shift_removed=1.0), ["all"], "tiny", stats_cache=cache
+    )
+    assert removed.timings.forward_seconds == 0  # a solve setting: read from the cache
+    fresh = solve(tiny_qwen2, config(language_shift_removed=1.0), ["all"], "tiny")
+    assert removed.blobs == fresh.blobs
+    assert removed.blobs != kept.blobs
+    assert removed.deltas["all"].manifest.solver["language_shift_removed"] == 1.0
+    with pytest.raises(ValueError, match="everyday_rows > 0"):  # refused before any forward
+        SolveConfig(
+            solver=config(language_shift_removed=1.0).solver, data=TINY_DATA, groups={"all": GROUP}
         )

@@ -427,7 +427,10 @@ def _solve_pass(
         updates = {}
         for group in groups:
             stats = collector.statistics(
-                config.groups[group], aligning, unpaired=settings.unpaired_languages
+                config.groups[group],
+                aligning,
+                unpaired=settings.unpaired_languages,
+                language_shift=settings.language_shift_removed,
             )
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
@@ -511,7 +514,10 @@ def _solve_cached(
         shape = tuple(model.get_parameter(name).shape)
         for group in groups:
             stats = tables.statistics(
-                config.groups[group], aligning, unpaired=settings.unpaired_languages
+                config.groups[group],
+                aligning,
+                unpaired=settings.unpaired_languages,
+                language_shift=settings.language_shift_removed,
             )
             update = _solve(stats, settings)
             spectra[group][layer] = [round(float(v), 6) for v in update.singular_values[:64]]
@@ -579,7 +585,11 @@ def _input_layer(
         target_map = weight[neurons].double()  # [k, hidden]: input change -> pre-activation
         for group in groups:
             stats = collector.statistics(
-                config.groups[group], aligning, target_map, settings.unpaired_languages
+                config.groups[group],
+                aligning,
+                target_map,
+                settings.unpaired_languages,
+                language_shift=settings.language_shift_removed,
             )
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")

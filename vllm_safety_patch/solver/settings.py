@@ -94,6 +94,16 @@ class SolverSettings(BaseModel):
         description="weight of mapping each low-resource benign prompt (everyday rows) onto "
         "its English twin at the decision positions, as harmful prompts are; 0 keeps them fixed",
     )
+    language_shift_removed: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of each language's mean shift to English on benign prompts (its "
+        "everyday prompts' English twin minus own, per position) taken out of its harmful "
+        "pairs' targets: 1 maps a harmful prompt only as far as its twin differs from it "
+        "beyond being English (twin-residual targets otherwise teach the edit to answer in "
+        "English)",
+    )
     neuron_scoring: Literal["english", "within-language"] = Field(
         default="english",
         description="safety neurons separate harmful from harmless English prompts, or "
@@ -234,6 +244,17 @@ class SolveConfig(BaseModel):
             raise ValueError(
                 f"unpaired_languages {stray} are in no group: a language is held unpaired "
                 "only inside a group that has it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _shift_needs_everyday(self) -> SolveConfig:
+        # The shift is measured on the everyday prompts' English twins: refuse before the
+        # forward pass rather than after it.
+        if self.solver.language_shift_removed and not self.data.everyday_rows:
+            raise ValueError(
+                "language_shift_removed needs everyday prompts with English twins: set "
+                "[data] everyday_rows > 0, or language_shift_removed = 0"
             )
         return self
 

@@ -6,6 +6,7 @@ from collections.abc import Collection
 
 import torch
 
+from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.solver.closed_form import LayerStatistics
 
 
@@ -36,21 +37,35 @@ class Gram:
 
 
 class Regression:
-    """Running ``X X^T``, ``T X^T`` and count of (activation, target change) rows."""
+    """Running ``X X^T``, ``T X^T`` and count of (activation, target change) rows, and the
+    per-position sums of both (rows come in prompts of ``p`` positions), from which a solve
+    can shift every target by a per-position vector without another forward pass."""
 
     def __init__(self) -> None:
         self.gram: torch.Tensor | None = None
         self.cross: torch.Tensor | None = None
+        self.x_sum: torch.Tensor | None = None  # [p, k]
+        self.t_sum: torch.Tensor | None = None  # [p, d]
         self.count = 0
 
     def add(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """One prompt's rows: ``x`` [p, k], ``target`` [p, d]."""
         x, target = x.to(torch.float64), target.to(torch.float64)
         if self.gram is None:
             self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
             self.cross = torch.zeros(target.shape[1], x.shape[1], dtype=torch.float64)
+            self.x_sum, self.t_sum = torch.zeros_like(x), torch.zeros_like(target)
         self.gram += x.T @ x
         self.cross += target.T @ x
+        if self.x_sum is not None and self.x_sum.shape == x.shape:
+            self.x_sum += x
+            self.t_sum += target
+        else:  # prompts of another length: per-position sums mean nothing
+            self.x_sum = self.t_sum = None
         self.count += x.shape[0]
+
+    def prompts(self) -> int:
+        return self.count // self.x_sum.shape[0] if self.x_sum is not None else 0
 
     @staticmethod
     def merge(parts: list[Regression]) -> Regression:
@@ -64,6 +79,9 @@ class Regression:
                 merged.gram += part.gram
                 merged.cross += part.cross
             merged.count += part.count
+        # Per-position sums are per language (a solve reads them from each language's
+        # table), so a merged table keeps none.
+        merged.x_sum = merged.t_sum = None
         return merged
 
 
@@ -84,13 +102,20 @@ class PairTables:
         aligning: bool,
         target_map: torch.Tensor | None = None,
         unpaired: Collection[str] = (),
+        language_shift: float = 0.0,
     ) -> LayerStatistics:
         """The group's statistics. English and each of ``languages`` get their own term in the
         decision-position penalty; a language's benign prompts with twins are mapped instead
         of held when ``aligning``. ``target_map`` (linear) turns stored target rows into the
-        solved ones: ``T X^T`` becomes ``target_map @ T X^T``."""
+        solved ones: ``T X^T`` becomes ``target_map @ T X^T``. ``language_shift`` (0-1) takes
+        that share of each language's mean benign shift to English (its everyday prompts'
+        twin minus own, per position) out of its harmful pairs' targets."""
         paired = [lang for lang in languages if lang not in unpaired]
         pair = Regression.merge([self.pair[lang] for lang in paired])
+        if language_shift and pair.cross is not None:
+            pair.cross = pair.cross - language_shift * sum(
+                self._language_shift_cross(lang) for lang in paired
+            )
         # Each language's part of the pair term (English, paired with none, gets the mean).
         total = max(float(torch.trace(pair.gram)), 1e-12) if pair.gram is not None else 1.0
         shares = {
@@ -131,3 +156,17 @@ class PairTables:
             aligned_cross=mapped(aligned.cross),
             aligned=aligned.count,
         )
+
+    def _language_shift_cross(self, lang: str) -> torch.Tensor:
+        """``sum_i m_pos(i) x_i^T`` over ``lang``'s harmful pairs, with ``m_pos`` the mean
+        target of its benign prompts with twins at that position: what subtracting ``m`` from
+        every pair target subtracts from ``T X^T``."""
+        pair, benign = self.pair[lang], self.aligned.get(lang)
+        if benign is None or benign.prompts() == 0 or pair.x_sum is None:
+            raise VSPError(
+                f"language_shift_removed needs {lang}'s everyday prompts with English twins "
+                "and per-position sums (statistics collected by this version)",
+                "keep [data] everyday_rows > 0, or set language_shift_removed = 0",
+            )
+        mean_shift = benign.t_sum / benign.prompts()  # [p, d]
+        return mean_shift.T @ pair.x_sum  # [d, k]

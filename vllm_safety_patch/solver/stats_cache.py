@@ -34,6 +34,7 @@ SOLVE_ONLY = (
     "decision_balance",
     "benign_alignment",
     "unpaired_languages",
+    "language_shift_removed",
 )
 _TABLES = ("pair", "aligned", "decision", "decision_twinned")
 
@@ -66,7 +67,7 @@ def layer_key(
         k: v for k, v in solver.items() if k != "layers" and (moved or k not in SOLVE_ONLY)
     }
     record = {
-        "version": 1,
+        "version": 2,  # 2: regressions carry per-position sums
         "checkpoint": checkpoint,
         "solver": collection,
         "earlier_layers": [number for number in edited if number < layer],
@@ -128,7 +129,14 @@ class StatsCache:
 def _dump(value: Gram | Regression) -> dict[str, Any]:
     if isinstance(value, Gram):
         return {"kind": "gram", "gram": value.gram, "count": value.count}
-    return {"kind": "regression", "gram": value.gram, "cross": value.cross, "count": value.count}
+    return {
+        "kind": "regression",
+        "gram": value.gram,
+        "cross": value.cross,
+        "x_sum": value.x_sum,
+        "t_sum": value.t_sum,
+        "count": value.count,
+    }
 
 
 def _read(entry: dict[str, Any]) -> Gram | Regression:
@@ -138,5 +146,6 @@ def _read(entry: dict[str, Any]) -> Gram | Regression:
         return gram
     regression = Regression()
     regression.gram, regression.cross = entry["gram"], entry["cross"]
+    regression.x_sum, regression.t_sum = entry["x_sum"], entry["t_sum"]
     regression.count = int(entry["count"])
     return regression
