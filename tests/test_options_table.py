@@ -37,3 +37,22 @@ def test_help_and_a_missing_summary_get_a_message_not_a_traceback(tmp_path) -> N
         main(["--help"])
     with pytest.raises(SystemExit, match="vsp measure --summary"):
         main([str(tmp_path / "none.jsonl")])
+
+
+def test_replies_in_another_language_get_their_own_line_when_measured() -> None:
+    rows = [
+        _row("refusal_rate", "multijail", "en", 0.6, 0.6),
+        _row("over_refusal", "everyday", "jv", 0.17, 0.3),
+        _row("other_language", "everyday", "jv", 0.09, 0.36),
+    ]
+    table = options_table(
+        [{"file": "build/options/x/all.safetensors", "group": "all", "rows": rows}]
+    )
+    assert "| base | other language | - | - | - | - | - | - | - | - | - | 9 |" in table
+    assert "| x/all | other language | - | - | - | - | - | - | - | - | - | 36 |" in table
+    # an older summary without the check prints no such line
+    old = [row for row in rows if row["metric"] != "other_language"]
+    table = options_table(
+        [{"file": "build/options/x/all.safetensors", "group": "all", "rows": old}]
+    )
+    assert "other language" not in table

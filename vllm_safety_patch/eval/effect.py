@@ -17,10 +17,12 @@ from vllm_safety_patch.delta.merge import edit_weight, edits_by_tensor
 from vllm_safety_patch.eval.local_generation import generate_chat
 from vllm_safety_patch.eval.scoring import (
     MGSM_ACCURACY,
+    OTHER_LANGUAGE,
     OVER_REFUSAL,
     REFUSAL_RATE,
     keyword_hits,
     mgsm_correct,
+    other_language_share,
 )
 from vllm_safety_patch.eval.suites import (
     MGSM_TOKENS,
@@ -194,5 +196,23 @@ def measure_effect(
             after=round(after[(job.metric, job.suite, job.lang)][0], 4),
         )
         for job in jobs
+    ]
+    # The everyday replies once more: answered in the request's language?
+    rows += [
+        EffectRow(
+            metric=OTHER_LANGUAGE,
+            suite=job.suite,
+            lang=job.lang,
+            split=job.split,
+            n=len(job.texts),
+            before=round(
+                other_language_share(before[(job.metric, job.suite, job.lang)][1], job.lang), 4
+            ),
+            after=round(
+                other_language_share(after[(job.metric, job.suite, job.lang)][1], job.lang), 4
+            ),
+        )
+        for job in jobs
+        if job.suite == "everyday"
     ]
     return rows, before, after

@@ -2,9 +2,11 @@
 
     python -m vllm_safety_patch.eval.options_table build/options.jsonl
 
-prints a Markdown table: for each delta measured into FILE, harmful refusal (MultiJail) and
-everyday-benign refusal per language, in percent, with the base model's figures first and
-each option's share of the harmful gap to English closed.
+prints a Markdown table: for each delta measured into FILE, harmful refusal (MultiJail),
+everyday-benign refusal and everyday replies in another language ("other language") per
+language, in percent, with the base model's figures first and each option's share of the
+harmful gap to English closed. Summaries written before the reply-language check have no
+"other language" line.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ def options_table(lines: list[dict]) -> str:
     first = lines[0]["rows"]
     base_h = _figures(first, "refusal_rate", "multijail", "before")
     base_b = _figures(first, "over_refusal", "everyday", "before")
+    base_o = _figures(first, "other_language", "everyday", "before")
     out.append(_line("base", "harmful", base_h, ""))
     out.append(_line("base", "everyday", base_b, ""))
+    if base_o:
+        out.append(_line("base", "other language", base_o, ""))
     for line in lines:
         name = Path(line["file"]).stem if line["group"] == "all" else line["group"]
         name = f"{Path(line['file']).parent.name}/{name}"
@@ -54,6 +59,9 @@ def options_table(lines: list[dict]) -> str:
         closed = f"{100 * sum(gaps) / len(gaps):.0f}%" if gaps else "-"
         out.append(_line(name, "harmful", after_h, closed))
         out.append(_line(name, "everyday", after_b, ""))
+        after_o = _figures(line["rows"], "other_language", "everyday", "after")
+        if after_o:
+            out.append(_line(name, "other language", after_o, ""))
     return "\n".join(out) + "\n"
 
 
