@@ -1,7 +1,9 @@
 """The canary: a switched delta set proves its behaviour on the live engine before it is kept.
 
 After the weights are reloaded, and while the switch gate is still closed (user requests wait;
-none is ever answered by a set that has not passed), the API server sends a probe set through
+none is ever answered by a set that has not passed), or before anything is switched, the
+candidate loaded as a LoRA adapter (``hotpatch.py``: where the server allows it, the gate
+stays open and the merged set serves users), the API server sends a probe set through
 the engine itself: for English and each language of the requested deltas, a few harmful
 prompts that should be refused and a few everyday benign prompts that should be answered,
 greedy, short, all at once (the engine batches them), judged by the project's one refusal

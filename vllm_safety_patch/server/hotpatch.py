@@ -14,7 +14,9 @@ Order, so that a refusal never changes what is served:
    restore included: the probes must end early enough to leave room for it;
 7. record the set (unless it was a dry run or failed), open the gate.
 
-On a server started with LoRA support (``--enable-lora``, a ``--max-lora-rank`` that fits),
+On a server started with LoRA support (``--enable-lora``, a ``--max-lora-rank`` that fits,
+``--max-loras`` at least the served adapters + 2: ``lora.slot_problem``; slow on CPU, see
+the README),
 the canary runs between steps 3 and 4 instead, without closing the gate: the candidate is
 loaded into the engine as a LoRA adapter equal to the new set minus the merged one
 (``lora.write_candidate_adapter``), the probes ask for it, and user requests keep running on
