@@ -745,6 +745,7 @@ def test_launcher_builds_the_server_command(files: dict, tmp_path: Path) -> None
             build(**kwargs)
     weak = tmp_path / "weak-token"
     weak.write_text("short")
+    weak.chmod(0o600)  # readable by its owner only: the length is what is wrong
     with pytest.raises(VSPError, match="at least 16"):
         build(deltas=["first"], environ={}, admin_token_file=weak)
 
