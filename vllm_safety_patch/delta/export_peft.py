@@ -39,6 +39,29 @@ def lora_factors(delta: Delta) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return factors
 
 
+def peft_config(
+    base_model_path: str, ranks: dict[str, int], modules: set[str], layers: set[int]
+) -> dict:
+    """``adapter_config.json`` of an exact adapter: scaling alpha / r = 1, so ``B @ A`` is the
+    update itself; per-module ranks and alphas keep scaling 1 where a module's rank differs."""
+    rank = max(ranks.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_path,
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": {k: v for k, v in ranks.items() if v != rank},
+        "alpha_pattern": {k: v for k, v in ranks.items() if v != rank},
+        "target_modules": sorted(modules),
+        "layers_to_transform": sorted(layers),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+
+
 def write_peft_adapter(delta: Delta, base_model_path: str, out_dir: str | Path) -> Path:
     """``adapter_config.json`` + ``adapter_model.safetensors`` (scaling 1: alpha = rank)."""
     out_dir = Path(out_dir)
@@ -53,27 +76,11 @@ def write_peft_adapter(delta: Delta, base_model_path: str, out_dir: str | Path) 
         layers.add(int(match.group(1)))
         modules.add(match.group(2) or match.group(3))
         ranks[name.removesuffix(".weight").removeprefix("model.")] = edit.spec.rank
-    rank = max(ranks.values())
     tensors = {}
     for module, (lora_a, lora_b) in lora_factors(delta).items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a.contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b.contiguous()
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_path,
-        "r": rank,
-        "lora_alpha": rank,  # scaling alpha / r = 1: B @ A is the update itself
-        # Per-module ranks and alphas keep scaling 1 where a module's rank differs.
-        "rank_pattern": {k: v for k, v in ranks.items() if v != rank},
-        "alpha_pattern": {k: v for k, v in ranks.items() if v != rank},
-        "target_modules": sorted(modules),
-        "layers_to_transform": sorted(layers),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-    }
+    config = peft_config(base_model_path, ranks, modules, layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / name for name in ("adapter_model.safetensors", "adapter_config.json")]
     save_file(tensors, written[0], metadata={"format": "pt"})

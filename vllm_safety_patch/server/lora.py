@@ -167,7 +167,7 @@ def write_candidate_adapter(
     import torch
     from safetensors.torch import save_file
 
-    from vllm_safety_patch.delta.export_peft import _LAYER, lora_factors
+    from vllm_safety_patch.delta.export_peft import _LAYER, lora_factors, peft_config
     from vllm_safety_patch.filemodes import share_files
 
     parts: dict[str, list[tuple[Any, Any]]] = {}
@@ -195,22 +195,7 @@ def write_candidate_adapter(
         ranks[module.removeprefix("model.")] = lora_a.shape[0]
     if not tensors:
         raise VSPError("the candidate and the served set are both empty", "nothing to probe")
-    rank = max(ranks.values())
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(model_dir),
-        "r": rank,
-        "lora_alpha": rank,  # scaling 1: B @ A is the update itself
-        "rank_pattern": {k: v for k, v in ranks.items() if v != rank},
-        "alpha_pattern": {k: v for k, v in ranks.items() if v != rank},
-        "target_modules": sorted(modules),
-        "layers_to_transform": sorted(layers),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-    }
+    config = peft_config(str(model_dir), ranks, modules, layers)
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
