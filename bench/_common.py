@@ -475,6 +475,26 @@ def run_load(server: Server, bodies: Sequence[dict], concurrency: int) -> Load:
     return asyncio.run(_drive(url, bodies, concurrency))
 
 
+def probe(
+    server: Server, text: str, max_tokens: int, timeout: float = 600
+) -> tuple[float, str, str]:
+    """(seconds, served set header, answer) of one greedy, non-streamed chat request."""
+    import httpx
+
+    body = {
+        "model": "model",
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    started = time.perf_counter()
+    reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=timeout)
+    seconds = time.perf_counter() - started
+    reply.raise_for_status()
+    answer = reply.json()["choices"][0]["message"]["content"]
+    return seconds, reply.headers.get("x-safety-deltas", "?"), answer
+
+
 def post_json(url: str, body: dict, token: str | None = None, timeout: float = 900) -> Any:
     import httpx
 

@@ -24,24 +24,23 @@ import statistics
 import threading
 import time
 
-import httpx
-from _common import ADMIN_TOKEN, Server, machine_note, post_json, prepare, prompts, quantile
+from _common import (
+    ADMIN_TOKEN,
+    Server,
+    machine_note,
+    post_json,
+    prepare,
+    probe,
+    prompts,
+    quantile,
+)
 
 LORA_FLAGS = ("--enable-lora", "--max-lora-rank", "32", "--max-loras", "2")
 
 
 def chat(server: Server, text: str, max_tokens: int) -> tuple[float, str]:
-    body = {
-        "model": "model",
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }
-    started = time.perf_counter()
-    reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1800)
-    seconds = time.perf_counter() - started
-    reply.raise_for_status()
-    return seconds, reply.headers.get("x-safety-deltas", "?")
+    seconds, header, _ = probe(server, text, max_tokens, timeout=1800)
+    return seconds, header
 
 
 def arm(setup, name: str, extra: tuple[str, ...], args, texts: list[str]) -> dict:

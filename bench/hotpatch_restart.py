@@ -22,8 +22,7 @@ import argparse
 import statistics
 import time
 
-import httpx
-from _common import ADMIN_TOKEN, Server, machine_note, post_json, prepare, prompts
+from _common import ADMIN_TOKEN, Server, machine_note, post_json, prepare, probe, prompts
 
 TARGET = 50.0
 
@@ -38,22 +37,6 @@ def activate(server: Server, names: list[str]) -> tuple[float, dict]:
     if reply.status_code != 200:
         raise SystemExit(f"activation refused: HTTP {reply.status_code} {reply.text[:500]}")
     return seconds, reply.json()
-
-
-def probe(server: Server, text: str, max_tokens: int) -> tuple[float, str, str]:
-    """(seconds, served set header, answer) of one greedy, non-streamed chat request."""
-    body = {
-        "model": "model",
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }
-    started = time.perf_counter()
-    reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=600)
-    seconds = time.perf_counter() - started
-    reply.raise_for_status()
-    answer = reply.json()["choices"][0]["message"]["content"]
-    return seconds, reply.headers.get("x-safety-deltas", "?"), answer
 
 
 def main() -> None:
