@@ -94,13 +94,16 @@ def test_measure_effect_in_process_restores_the_model(tiny_qwen2: Path, tmp_path
     )
     assert {(row.metric, row.lang) for row in rows} == {
         (metric, lang)
-        for metric in ("refusal_rate", "over_refusal", "mgsm_accuracy")
+        for metric in ("refusal_rate", "over_refusal", "mgsm_accuracy", "other_language")
         for lang in ("en", "th")
     }
     assert all(0.0 <= row.before <= 1.0 and 0.0 <= row.after <= 1.0 for row in rows)
+    # other_language reads the everyday replies again: it has no generation of its own
+    assert {row.suite for row in rows if row.metric == "other_language"} == {"everyday"}
     assert all(
         len(replies) == row.n
         for row in rows
+        if row.metric != "other_language"
         for _, replies in [after[(row.metric, row.suite, row.lang)]]
     )
     for name, parameter in model.named_parameters():  # the delta was removed again
