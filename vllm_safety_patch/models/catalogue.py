@@ -19,6 +19,8 @@ from pathlib import Path
 from vllm_safety_patch.config import DEFAULT_MODEL_NAME, repo_deltas_dir, vsp_home
 from vllm_safety_patch.errors import ModelPrepareError
 
+# The file ``vsp model prepare`` writes last into a prepared model's folder.
+MARKER = "vsp-model.json"
 # Where the chat template comes from: the GGUF's tokenizer.chat_template, which the
 # conversion writes into the checkpoint's tokenizer_config.json (vLLM and transformers read it).
 CHAT_TEMPLATE_FROM_GGUF = "GGUF metadata (tokenizer.chat_template), saved with the tokenizer"
@@ -176,8 +178,6 @@ def catalogue_entry(name: str) -> CatalogueEntry:
 
 def is_prepared(model_dir: Path) -> bool:
     """A folder ``vsp model prepare`` finished: the marker is written last, atomically."""
-    from vllm_safety_patch.models.prepare import MARKER
-
     return (model_dir / MARKER).is_file() and (model_dir / "config.json").is_file()
 
 

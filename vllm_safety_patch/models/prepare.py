@@ -26,9 +26,8 @@ from pathlib import Path
 from vllm_safety_patch.config import vsp_home
 from vllm_safety_patch.errors import ModelPrepareError
 from vllm_safety_patch.filemodes import share_tree
-from vllm_safety_patch.models.catalogue import CatalogueEntry
+from vllm_safety_patch.models.catalogue import MARKER, CatalogueEntry
 
-MARKER = "vsp-model.json"
 # config.json keys the GGUF conversion leaves behind that would mislead readers: vLLM
 # refuses "quant_method: gguf"; the 0.5B GGUF's name field says "AWQ" for a Q4_K_M file.
 DROPPED_CONFIG_KEYS = ("quantization_config", "_model_name_or_path")
