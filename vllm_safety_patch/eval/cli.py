@@ -78,10 +78,10 @@ def _source(
             )
         endpoint = ChatEndpoint(base_url, model, api_key=api_key, retry=RetryPolicy(retries))
         return EndpointSource(endpoint), model
-    from vllm_safety_patch.cli import _model_path
     from vllm_safety_patch.eval.effect import transformers_generator, vllm_generator
+    from vllm_safety_patch.models.catalogue import resolve_model
 
-    model_dir = _model_path(model or None)  # a catalogue name or a checkpoint folder
+    model_dir = resolve_model(model or None)  # a catalogue name or a checkpoint folder
     for path in deltas:
         if not path.is_file():
             raise VSPError(f"no delta file {path}", "pass an existing .safetensors delta")
