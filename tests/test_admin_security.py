@@ -26,7 +26,7 @@ from test_safe_rollout import ProbeEngine, probe_state, switch
 from typer.testing import CliRunner
 
 from vllm_safety_patch.cli import app
-from vllm_safety_patch.server.cli import call, plain_http_warning
+from vllm_safety_patch.cli.client import call, plain_http_warning
 from vllm_safety_patch.server.rollout import Replica, rollout, summary
 
 TOKEN = "admin-security-token-0123456789"

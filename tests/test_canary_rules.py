@@ -251,9 +251,9 @@ def test_production_reads_no_test_refusal_marker() -> None:
 def test_the_cli_table_shows_the_count_that_fails_each_rule(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vllm_safety_patch.server import cli
+    from vllm_safety_patch.cli import serving
 
-    monkeypatch.setattr(cli.console, "width", 160)
+    monkeypatch.setattr(serving.console, "width", 160)
     rows = [
         canary.verdict("en", 0, N, 1, N, rule_for("en", [], N, N, ALPHA, baseline=BASE)),
         canary.verdict("vi", 0, N, 0, N, rule_for("vi", [], N, N, ALPHA, baseline=BASE)),
@@ -266,7 +266,7 @@ def test_the_cli_table_shows_the_count_that_fails_each_rule(
         seconds=1.0,
         languages=rows,
     )
-    cli.print_canary(report.model_dump())
+    serving.print_canary(report.model_dump())
     output = capsys.readouterr().out
     assert "<= 3 (baseline 66%)" in output and ">= 5 (baseline 9%)" in output
     assert "never (baseline 4%)" in output and "harmful refused 0/12 < 4/12" in output

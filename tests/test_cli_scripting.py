@@ -25,9 +25,8 @@ from rich.console import Console
 from safetensors.torch import load, save
 from typer.testing import CliRunner
 
-from vllm_safety_patch import cli
-from vllm_safety_patch.cli import app
-from vllm_safety_patch.cli_output import PIPE_WIDTH, fit_to_output
+from vllm_safety_patch.cli import app, common
+from vllm_safety_patch.cli.common import PIPE_WIDTH, fit_to_output
 from vllm_safety_patch.config import repo_deltas_dir
 from vllm_safety_patch.delta.manifest import MANIFEST_KEY
 from vllm_safety_patch.errors import VSPError
@@ -375,7 +374,8 @@ def test_apply_and_export_show_their_stages_on_a_terminal(
     command: str, good: Path, tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "error_console", Console(file=screen, force_terminal=True, width=300))
+    terminal = Console(file=screen, force_terminal=True, width=300)
+    monkeypatch.setattr(common, "error_console", terminal)
     out = tmp_path / "out"
     result = vsp(command, good, "--out", out, "--model", tiny_qwen2)
     assert result.exit_code == 0, result.output

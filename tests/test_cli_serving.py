@@ -36,10 +36,10 @@ from serving_helpers import (
 from typer.testing import CliRunner
 
 from vllm_safety_patch.cli import app
+from vllm_safety_patch.cli.client import server_root
 from vllm_safety_patch.config import DEFAULT_MODEL_NAME
 from vllm_safety_patch.models import default_model
 from vllm_safety_patch.models.tiny import build_tiny_model
-from vllm_safety_patch.server.cli import server_root
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRYPOINT = REPO / "deploy" / "docker" / "entrypoint.sh"

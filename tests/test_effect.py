@@ -128,7 +128,8 @@ def test_measure_and_eval_share_held_out_rows_and_token_budgets() -> None:
     """One definition (eval.suites): `vsp measure`, `vsp eval` and their settings agree."""
     import inspect
 
-    from vllm_safety_patch.cli import app, measure_command
+    from vllm_safety_patch.cli import app
+    from vllm_safety_patch.cli.eval import measure_command
     from vllm_safety_patch.eval.effect import EffectSettings
     from vllm_safety_patch.eval.harness import EvalSettings
     from vllm_safety_patch.eval.suites import MGSM_TOKENS, REFUSAL_TOKENS, held_out_rows

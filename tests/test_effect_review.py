@@ -12,10 +12,10 @@ from conftest import make_delta
 from typer.testing import CliRunner
 
 from vllm_safety_patch.cli import app
+from vllm_safety_patch.cli.serving import print_listing
 from vllm_safety_patch.delta.effect_review import BENIGN_RISE_LIMIT, review_effect
 from vllm_safety_patch.delta.io import write_delta
 from vllm_safety_patch.delta.manifest import EffectRow
-from vllm_safety_patch.server.cli import print_listing
 from vllm_safety_patch.server.state import SafetyState
 
 runner = CliRunner()

@@ -878,7 +878,7 @@ def test_b_a_switch_that_outlasts_its_client_is_waited_for_and_rolled_back(
     finishes the switch anyway (issue 20, finding 3a: the old rollout read A's listing
     mid-switch, reported 'no replica changed' and left A switched). The rollout waits until
     A's listing stops saying ``switching``, sees the new set and switches A back."""
-    from vllm_safety_patch.server.cli import call
+    from vllm_safety_patch.cli.client import call
 
     labels = files["labels"]
     replicas = [Replica("replica-a", replica_a["url"]), Replica("replica-b", replica_b["url"])]

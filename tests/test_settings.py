@@ -356,7 +356,7 @@ def test_the_api_server_uses_the_reader(
 
 
 def test_the_client_uses_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vllm_safety_patch.server.cli import admin_token
+    from vllm_safety_patch.cli.client import admin_token
 
     monkeypatch.delenv(ADMIN_TOKEN.name, raising=False)
     monkeypatch.setenv(ADMIN_TOKEN_FILE.name, "/nonexistent")  # the client never reads it
