@@ -34,9 +34,20 @@ from vllm_safety_patch.solver.layerwise import (
 )
 from vllm_safety_patch.solver.neurons import ClassMoments, separation_scores, top_neurons
 from vllm_safety_patch.solver.prompts import SolveData, SolvePrompt, gather_solve_data
+from vllm_safety_patch.solver.refusal_push import (
+    OPENING_TOKENS,
+    DecisionSums,
+    collect_decisions,
+    pooled_direction,
+)
 from vllm_safety_patch.solver.settings import SolveConfig, SolverSettings
 from vllm_safety_patch.solver.statistics import Gram, PairTables, Regression
-from vllm_safety_patch.solver.stats_cache import StatsCache, checkpoint_digest, layer_key
+from vllm_safety_patch.solver.stats_cache import (
+    StatsCache,
+    checkpoint_digest,
+    decisions_key,
+    layer_key,
+)
 
 SOLVE_METHOD = (
     "sequential closed-form reduced-rank ridge on down_proj columns, each group on its own edits"
@@ -293,11 +304,16 @@ def solve(
         data = gather_solve_data(languages, config.data)
         digests.update(data.digests)
         keys = cache.keys(data, languages) if cache else {}
+        push = (
+            _refusal_push(model, tokenizer, config, data, languages, cache, timings, report)
+            if settings.refusal_push
+            else {}
+        )
         if cache and all(cache.store.has(key) for key in keys.values()):
-            found = _solve_cached(model, config, pass_groups, cache.store, keys, timings)
+            found = _solve_cached(model, config, pass_groups, cache.store, keys, timings, push)
         else:
             found = _solve_pass(
-                model, tokenizer, config, pass_groups, data, timings, report, cache, keys
+                model, tokenizer, config, pass_groups, data, timings, report, cache, keys, push
             )
         for name in pass_groups:
             edits[name], neurons[name], spectra[name] = found[name]
@@ -354,9 +370,11 @@ def _solve_pass(
     progress: Progress,
     cache: _PassCache | None = None,
     keys: dict[int, str] | None = None,
+    push: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, tuple[list[TensorEdit], dict[int, torch.Tensor], dict[int, list[float]]]]:
     """One layer-by-layer pass over ``data``, solving ``groups`` at every edited layer
-    (storing each layer's statistics in ``cache`` under ``keys[layer]``)."""
+    (storing each layer's statistics in ``cache`` under ``keys[layer]``; ``push[layer]`` added
+    to the harmful pairs' targets)."""
     settings = config.solver
     languages = sorted({lang for name in groups for lang in config.groups[name]})
     english_batches = tokenize_chats(
@@ -431,6 +449,7 @@ def _solve_pass(
                 aligning,
                 unpaired=settings.unpaired_languages,
                 language_shift=settings.language_shift_removed,
+                push=(push or {}).get(layer),
             )
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
@@ -499,6 +518,7 @@ def _solve_cached(
     store: StatsCache,
     keys: dict[int, str],
     timings: SolveTimings,
+    push: dict[int, torch.Tensor],
 ) -> dict[str, tuple[list[TensorEdit], dict[int, torch.Tensor], dict[int, list[float]]]]:
     """``_solve_pass`` from stored statistics: no forward pass."""
     settings = config.solver
@@ -518,6 +538,7 @@ def _solve_cached(
                 aligning,
                 unpaired=settings.unpaired_languages,
                 language_shift=settings.language_shift_removed,
+                push=push.get(layer),
             )
             update = _solve(stats, settings)
             spectra[group][layer] = [round(float(v), 6) for v in update.singular_values[:64]]
@@ -528,6 +549,68 @@ def _solve_cached(
             )
     timings.solve_seconds += time.perf_counter() - tick
     return {group: (edits[group], dict(chosen), spectra[group]) for group in groups}
+
+
+def _refusal_push(
+    model,
+    tokenizer,
+    config: SolveConfig,
+    data: SolveData,
+    languages: list[str],
+    cache: _PassCache | None,
+    timings: SolveTimings,
+    progress: Progress,
+) -> dict[int, torch.Tensor]:
+    """Per edited layer, ``refusal_push`` times the base model's pooled refuse-vs-answer
+    direction on this pass's harmful fit prompts (read from ``cache`` when stored there)."""
+    settings = config.solver
+    layers = sorted(settings.layers)
+    key = None
+    if cache is not None:
+        key = decisions_key(
+            checkpoint=cache.checkpoint,
+            record={
+                "data": config.data.model_dump(mode="json"),
+                "digests": data.digests,
+                "languages": sorted(languages),
+                "layers": layers,
+                "positions": settings.positions,
+                "max_prompt_tokens": settings.max_prompt_tokens,
+                "opening_tokens": OPENING_TOKENS,
+                "dtype": settings.dtype,
+            },
+        )
+    if key is not None and cache.store.has(key):
+        entry = cache.store.load_entry(key)
+        sums = {
+            int(layer): {lang: DecisionSums.from_dict(v) for lang, v in by_lang.items()}
+            for layer, by_lang in entry["sums"].items()
+        }
+    else:
+        tick = time.perf_counter()
+        sums, verdicts = collect_decisions(
+            model,
+            tokenizer,
+            [*data.english, *data.others],
+            layers,
+            settings.positions,
+            settings.batch_size,
+            settings.max_prompt_tokens,
+            lambda done, total: progress("refusal verdicts", done, total),
+        )
+        timings.forward_seconds += time.perf_counter() - tick
+        if key is not None:
+            cache.store.save_entry(
+                key,
+                {
+                    "sums": {
+                        layer: {lang: v.to_dict() for lang, v in by_lang.items()}
+                        for layer, by_lang in sums.items()
+                    },
+                    "verdicts": verdicts,
+                },
+            )
+    return {layer: settings.refusal_push * pooled_direction(sums[layer]) for layer in layers}
 
 
 def _watch_residual(

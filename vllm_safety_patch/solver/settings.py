@@ -104,6 +104,14 @@ class SolverSettings(BaseModel):
         "beyond being English (twin-residual targets otherwise teach the edit to answer in "
         "English)",
     )
+    refusal_push: float = Field(
+        default=0.0,
+        ge=0,
+        description="adds this multiple of the base model's refuse-vs-answer direction to "
+        "every harmful pair's target: the mean residual of the harmful fit prompts it refuses "
+        "minus those it answers, within each language, pooled (solver/refusal_push.py); a "
+        "push towards refusing that carries no language. Needs target = 'twin-residual'",
+    )
     neuron_scoring: Literal["english", "within-language"] = Field(
         default="english",
         description="safety neurons separate harmful from harmless English prompts, or "
@@ -244,6 +252,18 @@ class SolveConfig(BaseModel):
             raise ValueError(
                 f"unpaired_languages {stray} are in no group: a language is held unpaired "
                 "only inside a group that has it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _push_needs_residual_targets(self) -> SolveConfig:
+        # The direction is read from the residual stream after the layer: only targets in
+        # that space can take it.
+        if self.solver.refusal_push and self.solver.target != "twin-residual":
+            raise ValueError(
+                "refusal_push adds a residual-stream direction to the targets: it needs "
+                f"target = 'twin-residual' (this config has '{self.solver.target}'), or set "
+                "refusal_push = 0"
             )
         return self
 

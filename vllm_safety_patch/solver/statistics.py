@@ -103,19 +103,23 @@ class PairTables:
         target_map: torch.Tensor | None = None,
         unpaired: Collection[str] = (),
         language_shift: float = 0.0,
+        push: torch.Tensor | None = None,
     ) -> LayerStatistics:
         """The group's statistics. English and each of ``languages`` get their own term in the
         decision-position penalty; a language's benign prompts with twins are mapped instead
         of held when ``aligning``. ``target_map`` (linear) turns stored target rows into the
         solved ones: ``T X^T`` becomes ``target_map @ T X^T``. ``language_shift`` (0-1) takes
         that share of each language's mean benign shift to English (its everyday prompts'
-        twin minus own, per position) out of its harmful pairs' targets."""
+        twin minus own, per position) out of its harmful pairs' targets. ``push`` ([p, d],
+        already scaled) is added to every harmful pair's target at each position."""
         paired = [lang for lang in languages if lang not in unpaired]
         pair = Regression.merge([self.pair[lang] for lang in paired])
         if language_shift and pair.cross is not None:
             pair.cross = pair.cross - language_shift * sum(
                 self._language_shift_cross(lang) for lang in paired
             )
+        if push is not None and pair.cross is not None:
+            pair.cross = pair.cross + sum(self._push_cross(lang, push) for lang in paired)
         # Each language's part of the pair term (English, paired with none, gets the mean).
         total = max(float(torch.trace(pair.gram)), 1e-12) if pair.gram is not None else 1.0
         shares = {
@@ -156,6 +160,18 @@ class PairTables:
             aligned_cross=mapped(aligned.cross),
             aligned=aligned.count,
         )
+
+    def _push_cross(self, lang: str, push: torch.Tensor) -> torch.Tensor:
+        """``sum_i push_pos(i) x_i^T`` over ``lang``'s harmful pairs: what adding ``push`` to
+        every pair target adds to ``T X^T``."""
+        pair = self.pair[lang]
+        if pair.x_sum is None:
+            raise VSPError(
+                f"refusal_push needs per-position sums of {lang}'s pairs (statistics "
+                "collected by this version, prompts at least `positions` tokens long)",
+                "solve again without --stats-cache, or set refusal_push = 0",
+            )
+        return push.to(pair.x_sum.dtype).T @ pair.x_sum  # [d, k]
 
     def _language_shift_cross(self, lang: str) -> torch.Tensor:
         """``sum_i m_pos(i) x_i^T`` over ``lang``'s harmful pairs, with ``m_pos`` the mean

@@ -35,6 +35,7 @@ SOLVE_ONLY = (
     "benign_alignment",
     "unpaired_languages",
     "language_shift_removed",
+    "refusal_push",  # its scale: the verdict sums it scales have their own entry
 )
 _TABLES = ("pair", "aligned", "decision", "decision_twinned")
 
@@ -49,6 +50,16 @@ def checkpoint_digest(model_dir: Path) -> str:
                 while chunk := handle.read(1 << 22):
                     digest.update(chunk)
     return digest.hexdigest()
+
+
+def decisions_key(*, checkpoint: str, record: dict[str, Any]) -> str:
+    """The key of a pass's refusal-push verdict sums (``record``: what decides them)."""
+    text = json.dumps(
+        {"kind": "decisions", "version": 1, "checkpoint": checkpoint, **record},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def layer_key(
@@ -112,10 +123,17 @@ class StatsCache:
         }
         for name in _TABLES:
             entry[name] = {lang: _dump(value) for lang, value in getattr(tables, name).items()}
+        self.save_entry(key, entry)  # a killed solve leaves no half entry under the key
+
+    def save_entry(self, key: str, entry: dict[str, Any]) -> None:
+        """Any other per-pass record (the refusal push's verdict sums), written atomically."""
         self.folder.mkdir(parents=True, exist_ok=True)
         partial = self.path(key).with_suffix(".partial")
         torch.save(entry, partial)
-        partial.replace(self.path(key))  # a killed solve leaves no half entry under the key
+        partial.replace(self.path(key))
+
+    def load_entry(self, key: str) -> dict[str, Any]:
+        return torch.load(self.path(key), weights_only=True)
 
     def load(self, key: str) -> tuple[CachedTables, torch.Tensor]:
         entry = torch.load(self.path(key), weights_only=True)
