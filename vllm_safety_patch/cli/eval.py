@@ -90,11 +90,9 @@ def _source(
     if engine == "vllm":
         generator = vllm_generator(model_dir)
     elif engine == "transformers":
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from vllm_safety_patch.models.hf import load_causal_lm
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        hf_model, tokenizer = load_causal_lm(model_dir)
         generator = transformers_generator(hf_model, tokenizer)
     else:
         raise VSPError(f"unknown engine '{engine}'", "use --engine vllm or --engine transformers")
@@ -365,7 +363,7 @@ def measure_command(
 ) -> None:
     """Measure each delta on held-out rows (refusal, over-refusal, MGSM), before vs after."""
     from vllm_safety_patch.delta import read_delta, verify_against_checkpoint
-    from vllm_safety_patch.delta.io import write_delta
+    from vllm_safety_patch.delta.io import write_measured_effect
     from vllm_safety_patch.eval.effect import (
         EffectSettings,
         effect_jobs,
@@ -406,11 +404,9 @@ def measure_command(
     if engine == "vllm":
         generate = vllm_generator(model_dir)
     else:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from vllm_safety_patch.models.hf import load_causal_lm
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        hf_model, tokenizer = load_causal_lm(model_dir)
         generate = transformers_generator(hf_model, tokenizer)
     if baseline_cache is not None:
         from vllm_safety_patch.eval.cache import cached_baseline, checkpoint_identity
@@ -449,5 +445,4 @@ def measure_command(
             with summary.open("a") as handle:
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
         if write:
-            manifest = delta.manifest.model_copy(update={"measured_effect": rows})
-            write_delta(file, manifest, delta.edits)
+            write_measured_effect(file, delta, rows)

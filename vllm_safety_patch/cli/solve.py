@@ -142,10 +142,9 @@ def scan_command(
     model: ModelOption = None,
 ) -> None:
     """Per-layer separation (harmful vs harmless, English) and each language's gap to English."""
-    import torch
     from rich.table import Table
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from vllm_safety_patch.models.hf import load_causal_lm
     from vllm_safety_patch.solver.layer_scan import scan_layers, suggest_layers
     from vllm_safety_patch.solver.prompts import gather_solve_data
     from vllm_safety_patch.solver.settings import load_solve_config
@@ -162,9 +161,7 @@ def scan_command(
             )
         data = gather_solve_data(languages, data_settings)
         model_dir = model_path(model)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        dtype = getattr(torch, settings.solver.dtype)
-        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        hf_model, tokenizer = load_causal_lm(model_dir, settings.solver.dtype)
         rows = scan_layers(hf_model, tokenizer, data, settings.solver)
     except VSPError as error:
         fail(error)
@@ -217,9 +214,7 @@ def localize_command(
 ) -> None:
     """Where refusal fails per language: patch the English twin in, one layer and site at a time."""
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from vllm_safety_patch.models.hf import load_causal_lm
     from vllm_safety_patch.solver.localize import SITE_KINDS, LocalizeRows, localize
     from vllm_safety_patch.solver.localize_report import print_localization
 
@@ -237,8 +232,7 @@ def localize_command(
             probe_everyday_ids=range(96, 96 + probe_rows),
         )
         model_dir = model_path(model)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        hf_model, tokenizer = load_causal_lm(model_dir)
         count = hf_model.config.num_hidden_layers
         if layers == "all":
             chosen = list(range(count))

@@ -22,7 +22,7 @@ from vllm_safety_patch.delta.header import (
     SafetensorsHeader,
     parse_header,
 )
-from vllm_safety_patch.delta.manifest import MANIFEST_KEY, DeltaManifest, EditedTensor
+from vllm_safety_patch.delta.manifest import MANIFEST_KEY, DeltaManifest, EditedTensor, EffectRow
 from vllm_safety_patch.errors import DeltaFormatError
 from vllm_safety_patch.filemodes import share_files
 
@@ -308,6 +308,13 @@ def write_delta(path: str | Path, manifest: DeltaManifest, edits: dict[str, Tens
         Path(temp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_measured_effect(path: str | Path, delta: Delta, rows: list[EffectRow]) -> Path:
+    """Rewrite a delta with ``rows`` as its manifest's ``measured_effect`` (the figures of
+    ``vsp measure``); its edits stay as they are."""
+    manifest = delta.manifest.model_copy(update={"measured_effect": rows})
+    return write_delta(path, manifest, delta.edits)
 
 
 def rehash_deltas(paths: Sequence[str | Path]) -> list[tuple[Path, Delta, bool]]:
