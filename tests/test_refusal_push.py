@@ -163,3 +163,25 @@ def test_a_push_needs_residual_stream_targets() -> None:
             data=TINY_DATA,
             groups={"all": GROUP},
         )
+
+
+def test_a_target_scale_scales_the_update_and_solves_from_the_cache(
+    tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "stats"
+
+    def config(**solver: object) -> SolveConfig:
+        return SolveConfig(
+            solver=one_layer().solver.model_copy(update=solver),
+            data=TINY_DATA,
+            groups={"all": GROUP},
+        )
+
+    plain = solve(tiny_qwen2, config(), ["all"], "tiny", stats_cache=cache)
+    doubled = solve(tiny_qwen2, config(target_scale=2.0), ["all"], "tiny", stats_cache=cache)
+    assert doubled.timings.forward_seconds == 0  # a solve setting
+    (name,) = plain.deltas["all"].edits
+    one = plain.deltas["all"].edits[name].update()
+    two = doubled.deltas["all"].edits[name].update()
+    assert torch.allclose(two, 2 * one, atol=1e-5 * float(one.abs().max()))
+    assert doubled.deltas["all"].manifest.solver["target_scale"] == 2.0

@@ -450,6 +450,7 @@ def _solve_pass(
                 unpaired=settings.unpaired_languages,
                 language_shift=settings.language_shift_removed,
                 push=(push or {}).get(layer),
+                scale=settings.target_scale,
             )
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
@@ -539,6 +540,7 @@ def _solve_cached(
                 unpaired=settings.unpaired_languages,
                 language_shift=settings.language_shift_removed,
                 push=push.get(layer),
+                scale=settings.target_scale,
             )
             update = _solve(stats, settings)
             spectra[group][layer] = [round(float(v), 6) for v in update.singular_values[:64]]
@@ -673,6 +675,7 @@ def _input_layer(
                 target_map,
                 settings.unpaired_languages,
                 language_shift=settings.language_shift_removed,
+                scale=settings.target_scale,
             )
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")

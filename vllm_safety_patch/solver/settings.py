@@ -104,6 +104,14 @@ class SolverSettings(BaseModel):
         "beyond being English (twin-residual targets otherwise teach the edit to answer in "
         "English)",
     )
+    target_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="multiplies every harmful pair's target change (after language_shift_removed, "
+        "before refusal_push): above 1 the edit overshoots the twin, as a steering strength "
+        "does. With benign prompts held at zero change (benign_alignment = 0) the update "
+        "scales exactly with it",
+    )
     refusal_push: float = Field(
         default=0.0,
         ge=0,

@@ -104,20 +104,24 @@ class PairTables:
         unpaired: Collection[str] = (),
         language_shift: float = 0.0,
         push: torch.Tensor | None = None,
+        scale: float = 1.0,
     ) -> LayerStatistics:
         """The group's statistics. English and each of ``languages`` get their own term in the
         decision-position penalty; a language's benign prompts with twins are mapped instead
         of held when ``aligning``. ``target_map`` (linear) turns stored target rows into the
         solved ones: ``T X^T`` becomes ``target_map @ T X^T``. ``language_shift`` (0-1) takes
         that share of each language's mean benign shift to English (its everyday prompts'
-        twin minus own, per position) out of its harmful pairs' targets. ``push`` ([p, d],
-        already scaled) is added to every harmful pair's target at each position."""
+        twin minus own, per position) out of its harmful pairs' targets; ``scale`` then
+        multiplies them. ``push`` ([p, d], already scaled) is added to every harmful pair's
+        target at each position."""
         paired = [lang for lang in languages if lang not in unpaired]
         pair = Regression.merge([self.pair[lang] for lang in paired])
         if language_shift and pair.cross is not None:
             pair.cross = pair.cross - language_shift * sum(
                 self._language_shift_cross(lang) for lang in paired
             )
+        if scale != 1.0 and pair.cross is not None:
+            pair.cross = scale * pair.cross
         if push is not None and pair.cross is not None:
             pair.cross = pair.cross + sum(self._push_cross(lang, push) for lang in paired)
         # Each language's part of the pair term (English, paired with none, gets the mean).
