@@ -417,6 +417,18 @@ def test_delta_dir_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.served_delta_dir(default, {"VSP_DELTA_DIR": "/srv/d"}) == Path("/srv/d")
 
 
+def test_split_list_and_same_path(tmp_path: Path) -> None:
+    # One list reader for options and variables: stripped, empty items dropped.
+    assert settings.split_list(" a, b,,c ") == ["a", "b", "c"]
+    assert settings.split_list(None) == settings.split_list("") == settings.split_list(" , ") == []
+    assert settings.split_list(f"a{os.pathsep} b,c", "," + os.pathsep) == ["a", "b", "c"]
+    assert settings.split_list(f"a{os.pathsep}b,c", os.pathsep) == ["a", "b,c"]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert settings.same_path(tmp_path / "link", str(tmp_path / "real"))
+    assert not settings.same_path(tmp_path / "link", tmp_path)
+
+
 # ---------------------------------------------------------------------------------------
 # The CPU KV cache: one figure, in the code and in deploy/
 # ---------------------------------------------------------------------------------------

@@ -67,17 +67,9 @@ class Launch:
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
-def _split(spec: str) -> list[str]:
-    items = []
-    for part in spec.replace(os.pathsep, ",").split(","):
-        if part.strip():
-            items.append(part.strip())
-    return items
-
-
 def resolve_deltas(specs: Sequence[str], delta_dir: Path) -> list[Path]:
     """``none`` -> []; a plain name -> DIR/name.safetensors; anything path-like -> that file."""
-    items = [item for spec in specs for item in _split(spec)]
+    items = [item for spec in specs for item in settings.split_list(spec, "," + os.pathsep)]
     if items == ["none"]:
         return []
     if "none" in items:
@@ -137,10 +129,10 @@ def _unknown_delta(item: str, delta_dir: Path) -> ServeError:
 
 def plugin_allow_list(environ: Mapping[str, str]) -> str:
     """``VLLM_PLUGINS``: ours (general + endpoint), the user's, vLLM's own only if in use."""
-    names = [name for name in environ.get("VLLM_PLUGINS", "").split(",") if name.strip()]
+    names = settings.split_list(environ.get("VLLM_PLUGINS"))
     names += [GENERAL_PLUGIN, ENDPOINT_PLUGIN]
     names += [name for name, var in VLLM_OPTIONAL_PLUGINS.items() if environ.get(var)]
-    return ",".join(dict.fromkeys(name.strip() for name in names))
+    return ",".join(dict.fromkeys(names))
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:

@@ -37,6 +37,21 @@ def _environ(environ: Environ | None) -> Environ:
     return os.environ if environ is None else environ
 
 
+def split_list(text: str | None, separators: str = ",") -> list[str]:
+    """The items of a list given as text, stripped, empty ones dropped: ``"a, b,,c"`` ->
+    ``["a", "b", "c"]``. Any character of ``separators`` separates (``VSP_DELTAS`` and
+    ``--deltas`` take ``os.pathsep`` too)."""
+    text = text or ""
+    for separator in separators[1:]:
+        text = text.replace(separator, separators[0])
+    return [part.strip() for part in text.split(separators[0]) if part.strip()]
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file or folder once links are followed."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 @dataclass(frozen=True)
 class Variable:
     """One ``VSP_*`` variable: its name, what it does (the README's table), its default."""
@@ -286,7 +301,7 @@ def delta_dir_for(model: str | Path) -> Path:
     """Where ``vsp solve`` writes the deltas of a model (a catalogue name or a checkpoint
     folder) and where ``vsp serve`` looks for them: ``deltas/<name>/``, the default model's
     folder under any path it is reached by."""
-    same = os.path.realpath(model) == os.path.realpath(default_model_dir())
+    same = same_path(model, default_model_dir())
     return repo_deltas_dir() / (DEFAULT_MODEL_NAME if same else Path(model).name)
 
 

@@ -36,12 +36,6 @@ SHORT_METRIC = {
 }
 
 
-def _split(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -186,7 +180,11 @@ def eval_run(
     try:
         if out is None:
             raise VSPError("--out is missing", "pass --out DIR (results, report and plots)")
-        tasks = eval_tasks(_split(suites) or [], _split(langs), n)
+        tasks = eval_tasks(
+            vsp_settings.split_list(suites),
+            None if langs is None else vsp_settings.split_list(langs),
+            n,
+        )
         llm_judge = parse_judge(judge, judge_template)
         settings = EvalSettings(
             refusal_tokens=refusal_tokens,

@@ -20,6 +20,7 @@ from vllm_safety_patch.cli.common import (
 )
 from vllm_safety_patch.config import repo_deltas_dir
 from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.settings import split_list
 
 ConfigOption = Annotated[
     Path | None,
@@ -77,7 +78,7 @@ def solve_command(
         model_id = DEFAULT_MODEL_NAME if model is None else model_dir.name
         out_dir = solve_out_dir(out, model_id, overwrite_shipped)
         settings = load_solve_config(solve_config_path(config))
-        names = groups.split(",") if groups else list(settings.groups)
+        names = split_list(groups) if groups else list(settings.groups)
         with Progress(*progress_columns(), console=console) as progress:
             task = progress.add_task(f"solve {', '.join(names)}", total=None)
 
@@ -153,7 +154,7 @@ def scan_command(
     try:
         settings = load_solve_config(config)
         config_langs = sorted({lang for group in settings.groups.values() for lang in group})
-        languages = langs.split(",") if langs else config_langs
+        languages = split_list(langs) if langs else config_langs
         data_settings = settings.data
         if pairs:  # a quick look; --pairs 0 scans on all the data a solve reads
             data_settings = data_settings.model_copy(
@@ -219,7 +220,7 @@ def localize_command(
     from vllm_safety_patch.solver.localize_report import print_localization
 
     try:
-        kinds = [kind.strip() for kind in sites.split(",") if kind.strip()]
+        kinds = split_list(sites)
         unknown = [kind for kind in kinds if kind not in SITE_KINDS]
         if unknown:
             raise VSPError(
@@ -259,7 +260,7 @@ def localize_command(
             result = localize(
                 hf_model,
                 tokenizer,
-                [lang.strip() for lang in langs.split(",") if lang.strip()],
+                split_list(langs),
                 rows,
                 chosen,
                 kinds,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_safety_patch.judge.refusal import is_refusal
+from vllm_safety_patch.settings import split_list
 
 __all__ = [
     "TOKENS",
@@ -241,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        tokens = sorted({int(part) for part in args.tokens.split(",") if part.strip()})
+        tokens = sorted({int(part) for part in split_list(args.tokens)})
     except ValueError:
         parser.error(f"--tokens {args.tokens!r}: give whole numbers such as 4,8,16")
     if not tokens or tokens[0] < 1:

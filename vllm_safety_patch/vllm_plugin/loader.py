@@ -100,8 +100,7 @@ def delta_paths_from_config(
             )
         entries = list(raw)
     elif settings.DELTAS.is_set(environ):
-        raw_entries = settings.DELTAS.raw(environ) or ""
-        entries = [part for part in raw_entries.split(os.pathsep) if part.strip()]
+        entries = settings.split_list(settings.DELTAS.raw(environ), os.pathsep)
     else:
         # --load-format vsp without deltas is a deployment mistake, never "serve base".
         raise LoaderConfigError(

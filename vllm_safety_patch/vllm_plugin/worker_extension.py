@@ -15,11 +15,9 @@ Nothing here imports vLLM at module import time.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +27,7 @@ from vllm_safety_patch.delta.merge import check_distinct, edit_weight, edits_by_
 from vllm_safety_patch.delta.verify import verify_against_checkpoint
 from vllm_safety_patch.errors import DeltaFormatError, DeltaMismatchError, VSPError
 from vllm_safety_patch.models.checkpoint import Checkpoint
+from vllm_safety_patch.settings import same_path
 
 ACTIVE_METHOD = "vsp_active_deltas"
 PREPARE_METHOD = "vsp_prepare_deltas"
@@ -52,10 +51,6 @@ _deltas: dict[str, Delta] = {}
 _verified: set[tuple[str, str]] = set()
 # sha256 of the set this worker serves after a switch; None until the first switch.
 _active: list[str] | None = None
-
-
-def _same_dir(a: str | Path, b: str | Path) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _read_checked(path: str, sha256: str) -> Delta:
@@ -248,7 +243,7 @@ class DeltaWorkerExtension:
 
     def _vsp_check_model_dir(self, model_dir: str) -> None:
         served = str(self.vllm_config.model_config.model)
-        if not _same_dir(served, model_dir):
+        if not same_path(served, model_dir):
             raise DeltaMismatchError(
                 f"worker {self.rank} serves '{served}', the switch names '{model_dir}'",
                 "hot-patch the checkpoint the server was started with",
