@@ -23,6 +23,7 @@ from vllm_safety_patch.cli.common import (
     model_path,
 )
 from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.models.fingerprint import short
 
 
 def inspect(
@@ -43,7 +44,7 @@ def inspect(
     base = manifest.base_model
     # Manifest strings are data: print them with markup off, and tables from Text cells.
     plain = {"markup": False, "highlight": False, "soft_wrap": True}
-    console.print(f"{file}  group {manifest.group}  sha256 {delta.sha256[:12]}", **plain)
+    console.print(f"{file}  group {manifest.group}  sha256 {short(delta.sha256)}", **plain)
     console.print(f"languages: {', '.join(manifest.languages)}", **plain)
     console.print(f"base model: {base.id} ({base.architecture})", **plain)
     console.print(
@@ -160,7 +161,7 @@ def verify(
     for line in _overlap_summary(collisions):
         error_console.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
     for source, manifest, _ in deltas:
-        fingerprint = f"{DELTA_FINGERPRINT} {manifest.base_model.fingerprint[:12]}"
+        fingerprint = f"{DELTA_FINGERPRINT} {short(manifest.base_model.fingerprint)}"
         if checked_against is None:
             what = f"header and manifest are valid ({fingerprint}; no model checked)"
         else:
@@ -337,10 +338,10 @@ def rehash_command(
     except VSPError as error:
         fail(error)
     for path, delta, rewritten in done:
-        digest = (delta.manifest.tensors_sha256 or "")[:12]
+        digest = short(delta.manifest.tensors_sha256 or "")
         state = "recorded tensor digest" if rewritten else "already records tensor digest"
         console.print(
-            f"{path}: {state} {digest} (file sha256 {delta.sha256[:12]})",
+            f"{path}: {state} {digest} (file sha256 {short(delta.sha256)})",
             markup=False,
             highlight=False,
             soft_wrap=True,

@@ -19,6 +19,7 @@ from vllm_safety_patch.cli.common import (
 )
 from vllm_safety_patch.config import DEFAULT_MODEL_NAME
 from vllm_safety_patch.errors import ModelPrepareError, VSPError
+from vllm_safety_patch.models.fingerprint import short
 
 model_app = typer.Typer(
     help="List, prepare and describe the catalogue's base models.", no_args_is_help=True
@@ -124,7 +125,7 @@ def model_list(
                 row["name"] + (" (default)" if row["name"] == DEFAULT_MODEL_NAME else ""),
                 "yes" if row["prepared"] else "no",
                 _size(row["size_bytes"]) if row["prepared"] else "-",
-                (row["fingerprint"] or "-")[:12],
+                short(row["fingerprint"] or "-"),
                 ", ".join(row["shipped_deltas"]) or "none",
             )
         )

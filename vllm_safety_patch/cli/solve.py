@@ -20,6 +20,7 @@ from vllm_safety_patch.cli.common import (
 )
 from vllm_safety_patch.config import repo_deltas_dir
 from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.models.fingerprint import short
 from vllm_safety_patch.settings import split_list
 
 ConfigOption = Annotated[
@@ -95,7 +96,7 @@ def solve_command(
     for name, delta in result.deltas.items():
         path = write_delta(out_dir / f"{name}.safetensors", delta.manifest, delta.edits)
         console.print(
-            f"wrote {path} ({delta.manifest.neuron_count} neurons, sha256 {delta.sha256[:12]})",
+            f"wrote {path} ({delta.manifest.neuron_count} neurons, sha256 {short(delta.sha256)})",
             highlight=False,
         )
     timings = result.timings

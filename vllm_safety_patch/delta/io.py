@@ -25,6 +25,7 @@ from vllm_safety_patch.delta.header import (
 from vllm_safety_patch.delta.manifest import MANIFEST_KEY, DeltaManifest, EditedTensor, EffectRow
 from vllm_safety_patch.errors import DeltaFormatError
 from vllm_safety_patch.filemodes import share_files
+from vllm_safety_patch.models.fingerprint import short
 
 NEURONS_DTYPE = "I64"
 FACTOR_DTYPE = "F32"
@@ -179,7 +180,7 @@ def _decode(header: SafetensorsHeader, manifest: DeltaManifest, blob: bytes, sou
         if actual != manifest.tensors_sha256:
             raise DeltaFormatError(
                 f"{source}: the tensor data does not match the manifest's digest (recorded "
-                f"{manifest.tensors_sha256[:12]}, data hashes to {actual[:12]}): the file "
+                f"{short(manifest.tensors_sha256)}, data hashes to {short(actual)}): the file "
                 "was changed after it was written",
                 REGENERATE,
             )

@@ -85,5 +85,6 @@ def editable_tensor_names(tensor_names: Iterable[str]) -> list[str]:
 
 
 def short(fingerprint_hex: str) -> str:
-    """The 12-character form shown to people (headers, tables)."""
+    """The 12-character form of a fingerprint or a sha256 digest shown to people (headers,
+    tables, messages, adapter names); every shortened hash goes through here."""
     return fingerprint_hex[:12]

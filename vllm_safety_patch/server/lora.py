@@ -20,6 +20,7 @@ from typing import Any
 
 from vllm_safety_patch import settings
 from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.models.fingerprint import short
 
 LORA_LABELS_VAR = settings.LORA_LABELS.name
 # vLLM accepts only these --max-lora-rank values (vllm/config/lora.py).
@@ -36,7 +37,7 @@ class Adapter:
 
 
 def adapter_label(group: str, fingerprint: str) -> str:
-    return f"lora:{group}@{fingerprint[:12]}"
+    return f"lora:{group}@{short(fingerprint)}"
 
 
 def prepare_adapters(

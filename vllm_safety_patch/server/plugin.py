@@ -21,6 +21,7 @@ from starlette.types import ASGIApp
 
 from vllm_safety_patch import settings
 from vllm_safety_patch.errors import VSPError
+from vllm_safety_patch.models.fingerprint import short
 from vllm_safety_patch.server import canary, language, metrics
 from vllm_safety_patch.server.errors import SafetyAPIError, handle_safety_error
 from vllm_safety_patch.server.middleware import SafetyMiddleware
@@ -230,7 +231,7 @@ async def _check_workers(safety: SafetyState) -> Problem | None:
             return (
                 "a worker serves other deltas than this server recorded (a start-up delta "
                 "file changed on disk)",
-                f"a worker serves {found and [sha[:12] for sha in found]} while this server "
+                f"a worker serves {found and [short(sha) for sha in found]} while this server "
                 f"recorded {header_value(safety.active)} (a start-up delta file changed on disk)",
             )
     return None

@@ -178,7 +178,7 @@ class ActiveEntry:
             name=self.name,
             group=self.group,
             fingerprint=short(self.fingerprint),
-            sha256=self.sha256[:12],
+            sha256=short(self.sha256),
         )
 
 
@@ -333,7 +333,7 @@ class SafetyState:
             os.close(fd)
         sha256 = self._digests.get(identity)
         active = sha256 is not None and sha256 in {entry.sha256 for entry in self.active}
-        short_sha = sha256[:12] if sha256 else None
+        short_sha = short(sha256) if sha256 else None
         return cached[1].model_copy(update={"sha256": short_sha, "active": active})
 
     def _header_facts(self, name: str, fd: int, size: int) -> DeltaInfo:

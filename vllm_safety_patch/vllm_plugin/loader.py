@@ -220,7 +220,7 @@ def _log_applied(plan: MergePlan) -> None:
             delta.group,
             len(delta.edits),
             short(delta.manifest.base_model.fingerprint),
-            delta.sha256[:12],
+            short(delta.sha256),
             delta.source,
         )
 

@@ -27,6 +27,7 @@ from vllm_safety_patch.delta.merge import check_distinct, edit_weight, edits_by_
 from vllm_safety_patch.delta.verify import verify_against_checkpoint
 from vllm_safety_patch.errors import DeltaFormatError, DeltaMismatchError, VSPError
 from vllm_safety_patch.models.checkpoint import Checkpoint
+from vllm_safety_patch.models.fingerprint import short
 from vllm_safety_patch.settings import same_path
 
 ACTIVE_METHOD = "vsp_active_deltas"
@@ -61,7 +62,7 @@ def _read_checked(path: str, sha256: str) -> Delta:
     if delta.sha256 != sha256:
         raise DeltaFormatError(
             f"{path}: the file changed after the API server checked it "
-            f"(sha256 {delta.sha256[:12]}, expected {sha256[:12]})",
+            f"(sha256 {short(delta.sha256)}, expected {short(sha256)})",
             "do not rewrite delta files in place while switching; activate again",
         )
     _deltas[sha256] = delta
@@ -191,7 +192,7 @@ class DeltaWorkerExtension:
         global _active
         started = time.perf_counter()
         self._vsp_check_model_dir(model_dir)
-        missing = [sha[:12] for sha in shas if sha not in _deltas]
+        missing = [short(sha) for sha in shas if sha not in _deltas]
         if missing:
             raise DeltaMismatchError(
                 f"worker {self.rank}: deltas {missing} were not prepared",
