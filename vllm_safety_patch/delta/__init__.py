@@ -28,7 +28,7 @@ if TYPE_CHECKING:
         EffectRow,
     )
     from vllm_safety_patch.delta.merge import edit_weight, merge_deltas
-    from vllm_safety_patch.delta.verify import verify_against_checkpoint, verify_against_tensors
+    from vllm_safety_patch.delta.verify import verify_against_checkpoint
 
 # Exports load on first use (PEP 562): commands that read only a header (`vsp inspect`,
 # `vsp verify --no-model`) import this package without paying for torch.
@@ -44,7 +44,6 @@ _EXPORTS = {
     "edit_weight": "merge",
     "merge_deltas": "merge",
     "verify_against_checkpoint": "verify",
-    "verify_against_tensors": "verify",
 }
 
 __all__ = [
@@ -58,7 +57,6 @@ __all__ = [
     "merge_deltas",
     "read_delta",
     "verify_against_checkpoint",
-    "verify_against_tensors",
     "write_delta",
 ]
 

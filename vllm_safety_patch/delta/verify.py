@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.errors import DeltaMismatchError
 from vllm_safety_patch.models.checkpoint import Checkpoint
@@ -62,20 +60,6 @@ def check_fingerprint(delta: Delta, config: Mapping[str, Any], digests: Mapping[
             "(another model, or another conversion of it)",
             OTHER_MODEL_FIX,
         )
-
-
-def verify_against_tensors(
-    deltas: Sequence[Delta], config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-) -> None:
-    """Check deltas against in-memory base tensors (name -> tensor as stored)."""
-    digests: dict[str, str] = {}
-    for delta in deltas:
-        check_architecture(delta, config)
-        check_shapes(delta, {name: tuple(tensor.shape) for name, tensor in tensors.items()})
-        for name in delta.edits:
-            if name not in digests:
-                digests[name] = tensor_digest(tensors[name])
-        check_fingerprint(delta, config, {name: digests[name] for name in delta.edits})
 
 
 def verify_against_checkpoint(deltas: Sequence[Delta], checkpoint: Checkpoint) -> None:

@@ -36,7 +36,7 @@ __all__ = [
     "EffectSettings",
     "Generator",
     "Results",
-    "applied_deltas",
+    "deltas_merged_into",
     "effect_jobs",
     "measure_effect",
     "mgsm_correct",
@@ -141,7 +141,7 @@ def transformers_generator(model, tokenizer, batch_size: int = 16) -> Generator:
     def generate(delta_paths: Sequence[Path], requests: Sequence[tuple[str, int]]) -> list[str]:
         deltas = [read_delta(path) for path in delta_paths]
         replies: list[str] = [""] * len(requests)
-        with applied_deltas(model, deltas):
+        with deltas_merged_into(model, deltas):
             for tokens in sorted({tokens for _, tokens in requests}):
                 items = [i for i, (_, wanted) in enumerate(requests) if wanted == tokens]
                 texts = [requests[i][0] for i in items]
@@ -154,7 +154,7 @@ def transformers_generator(model, tokenizer, batch_size: int = 16) -> Generator:
     return generate
 
 
-class applied_deltas:
+class deltas_merged_into:
     """Context manager: deltas merged into a loaded transformers model, restored on exit."""
 
     def __init__(self, model, deltas: Sequence[Delta]) -> None:
