@@ -393,6 +393,27 @@ def test_cli_in_process_with_a_delta(tiny_qwen2: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "no delta file" in bad.output
 
 
+@pytest.mark.parametrize("command", ["eval", "measure"])
+def test_an_unknown_engine_is_an_error_everywhere(
+    command: str, tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    """One engine picker: `vsp measure` used to fall back to transformers on any other name."""
+    from conftest import make_delta
+
+    _, blob = make_delta(tiny_qwen2, group="tiny", languages=("th",))
+    delta_path = tmp_path / "tiny.safetensors"
+    delta_path.write_bytes(blob)
+    args = {
+        "eval": ["eval", "--model", str(tiny_qwen2), "--out", str(tmp_path / "run")],
+        "measure": ["measure", str(delta_path), "--model", str(tiny_qwen2), "--no-write"],
+    }[command]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--engine", "transformer"])
+    assert result.exit_code == 2, result.output
+    assert "unknown engine 'transformer'" in result.output
+    assert "--engine vllm or --engine transformers" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
 def test_cli_with_an_llm_judge_reports_agreement(serve, tmp_path: Path) -> None:
     target = serve(english_refuses)
     guard = serve(guard_judge, model="meta-llama/Llama-Guard-3-1B")

@@ -70,7 +70,7 @@ def _source(
             )
         endpoint = ChatEndpoint(base_url, model, api_key=api_key, retry=RetryPolicy(retries))
         return EndpointSource(endpoint), model
-    from vllm_safety_patch.eval.effect import transformers_generator, vllm_generator
+    from vllm_safety_patch.eval.effect import engine_generator
     from vllm_safety_patch.models.catalogue import resolve_model
 
     model_dir = resolve_model(model or None)  # a catalogue name or a checkpoint folder
@@ -81,15 +81,7 @@ def _source(
     from vllm_safety_patch.models.checkpoint import Checkpoint
 
     verify_against_checkpoint([read_delta(path) for path in deltas], Checkpoint(model_dir))
-    if engine == "vllm":
-        generator = vllm_generator(model_dir)
-    elif engine == "transformers":
-        from vllm_safety_patch.models.hf import load_causal_lm
-
-        hf_model, tokenizer = load_causal_lm(model_dir)
-        generator = transformers_generator(hf_model, tokenizer)
-    else:
-        raise VSPError(f"unknown engine '{engine}'", "use --engine vllm or --engine transformers")
+    generator = engine_generator(engine, model_dir)
     label = model_dir.name + "".join(f"+{path.stem}" for path in deltas)
     return InProcessSource(generator, str(model_dir), list(deltas)), label
 
@@ -365,10 +357,9 @@ def measure_command(
     from vllm_safety_patch.eval.effect import (
         EffectSettings,
         effect_jobs,
+        engine_generator,
         measure_effect,
         run_jobs,
-        transformers_generator,
-        vllm_generator,
     )
     from vllm_safety_patch.models.checkpoint import Checkpoint
 
@@ -397,15 +388,9 @@ def measure_command(
         deltas = [read_delta(file) for file in files]
         model_dir = model_path(model)
         verify_against_checkpoint(deltas, Checkpoint(model_dir))
+        generate = engine_generator(engine, model_dir)
     except VSPError as error:
         fail(error)
-    if engine == "vllm":
-        generate = vllm_generator(model_dir)
-    else:
-        from vllm_safety_patch.models.hf import load_causal_lm
-
-        hf_model, tokenizer = load_causal_lm(model_dir)
-        generate = transformers_generator(hf_model, tokenizer)
     if baseline_cache is not None:
         from vllm_safety_patch.eval.cache import cached_baseline, checkpoint_identity
 

@@ -14,6 +14,7 @@ from vllm_safety_patch.data import suite_languages
 from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.delta.manifest import EffectRow
 from vllm_safety_patch.delta.merge import edit_weight, edits_by_tensor
+from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.eval.local_generation import generate_chat
 from vllm_safety_patch.eval.scoring import (
     MGSM_ACCURACY,
@@ -33,10 +34,12 @@ from vllm_safety_patch.eval.suites import (
 )
 
 __all__ = [
+    "ENGINES",
     "EffectSettings",
     "Generator",
     "Results",
     "deltas_merged_into",
+    "engine_generator",
     "effect_jobs",
     "measure_effect",
     "mgsm_correct",
@@ -126,6 +129,24 @@ def run_jobs(
         position += len(job.texts)
         results[(job.metric, job.suite, job.lang)] = (_score(job, mine), mine)
     return results
+
+
+ENGINES = ("vllm", "transformers")
+
+
+def engine_generator(engine: str, model_dir: Path) -> Generator:
+    """The in-process generator ``--engine`` names: ``vllm`` (an offline engine) or
+    ``transformers`` (the model loaded here); any other name is an error, never a fallback."""
+    if engine == "vllm":
+        return vllm_generator(model_dir)
+    if engine == "transformers":
+        from vllm_safety_patch.models.hf import load_causal_lm
+
+        hf_model, tokenizer = load_causal_lm(model_dir)
+        return transformers_generator(hf_model, tokenizer)
+    raise VSPError(
+        f"unknown engine '{engine}'", "use " + " or ".join(f"--engine {name}" for name in ENGINES)
+    )
 
 
 def vllm_generator(model_dir: Path) -> Generator:
