@@ -86,7 +86,7 @@ def inspect(
 
 def _print_review(manifest, plain: dict) -> None:
     """Both sides per language (harmful and everyday-benign refusal) and the flags."""
-    from vllm_safety_patch.delta.effect_review import percent, review_effect
+    from vllm_safety_patch.delta.effect_review import before_after, review_effect
 
     review = review_effect(manifest)
     if review.languages:
@@ -98,8 +98,8 @@ def _print_review(manifest, plain: dict) -> None:
             table.add_row(
                 *cells(
                     row.lang,
-                    f"{percent(row.harmful_before)} -> {percent(row.harmful_after)}",
-                    f"{percent(row.benign_before)} -> {percent(row.benign_after)}",
+                    before_after(row.harmful_before, row.harmful_after),
+                    before_after(row.benign_before, row.benign_after),
                     row.benign_n or "-",
                 )
             )

@@ -238,6 +238,7 @@ def eval_compare(
     ] = None,
 ) -> None:
     """Two runs side by side: differences, significance (McNemar), gap closed, plots."""
+    from vllm_safety_patch.delta.effect_review import percent
     from vllm_safety_patch.eval.compare import compare_markdown, compare_runs, gaps_closed
     from vllm_safety_patch.eval.plots import plot_all
     from vllm_safety_patch.eval.results import read_results
@@ -270,8 +271,8 @@ def eval_compare(
                     row.a.judge,
                     row.a.lang,
                     f"{row.a.n}/{row.b.n}",
-                    f"{100 * row.a.rate:.0f}%",
-                    f"{100 * row.b.rate:.0f}%",
+                    percent(row.a.rate),
+                    percent(row.b.rate),
                     f"{100 * row.difference:+.0f} pp" + (" *" if row.significant else ""),
                     f"{row.p_value:.3g}",
                 )
@@ -281,7 +282,7 @@ def eval_compare(
     console.print("* p < 0.05, exact McNemar test on paired prompts (z-test if unpaired)")
     for suite, shares in gaps_closed(a, b).items():
         cells = ", ".join(
-            f"{lang} {'no gap' if share is None else f'{100 * share:.0f}%'}"
+            f"{lang} {'no gap' if share is None else percent(share)}"
             for lang, share in shares.items()
         )
         console.print(f"gap to English closed ({suite}): {cells}", **PLAIN)

@@ -368,10 +368,12 @@ def _fails_at(row: dict, kind: str, bound: str, sign: str) -> str:
     the rule tests against."""
     if row.get(f"{kind}_{bound}") is None or not row[f"{kind}_n"]:
         return "-"
+    from vllm_safety_patch.delta.effect_review import percent
+
     source, rate = row[f"{kind}_source"], row.get(f"{kind}_reference")
-    against = source if rate is None else f"{source} {rate:.0%}"
+    against = source if rate is None else f"{source} {percent(rate)}"
     if f"{kind}_fails_at" not in row:  # a server from before the field: the share
-        return f"{bound} {row[f'{kind}_{bound}']:.0%} ({against})"
+        return f"{bound} {percent(row[f'{kind}_{bound}'])} ({against})"
     fails = row[f"{kind}_fails_at"]
     return f"{'never' if fails is None else f'{sign} {fails}'} ({against})"
 
@@ -386,7 +388,7 @@ def startup_line(launch: Launch) -> str:
 
 def effect_lines(deltas: list[Path]) -> list[str]:
     """Per served delta: harmful and everyday-benign refusal per language, and its flags."""
-    from vllm_safety_patch.delta.effect_review import percent, review_effect
+    from vllm_safety_patch.delta.effect_review import before_after, review_effect
     from vllm_safety_patch.delta_view import read_delta_header
 
     lines = []
@@ -396,9 +398,9 @@ def effect_lines(deltas: list[Path]) -> list[str]:
         except VSPError:
             continue  # the launch already read it; the server names any problem
         sides = ", ".join(
-            f"{row.lang} {percent(row.harmful_before)}->{percent(row.harmful_after)} / "
+            f"{row.lang} {before_after(row.harmful_before, row.harmful_after, '->')} / "
             + (
-                f"{percent(row.benign_before)}->{percent(row.benign_after)}"
+                before_after(row.benign_before, row.benign_after, "->")
                 if row.benign_n
                 else "not measured"
             )

@@ -76,7 +76,8 @@ def review_effect(manifest: DeltaManifest) -> EffectReview:
             unmeasured.append(lang)
         elif effect.benign_rise is not None and effect.benign_rise > BENIGN_RISE_LIMIT + 1e-9:
             flags.append(
-                f"{lang}: everyday-benign refusal {benign.before:.1%} -> {benign.after:.1%}, "
+                f"{lang}: everyday-benign refusal "
+                f"{before_after(benign.before, benign.after, digits=1)}, "
                 f"+{effect.benign_rise * 100:.1f} points (n={benign.n}; the limit is "
                 f"+{BENIGN_RISE_LIMIT * 100:g}): more benign requests in this language refused"
             )
@@ -86,5 +87,15 @@ def review_effect(manifest: DeltaManifest) -> EffectReview:
     return EffectReview(tuple(languages), tuple(flags))
 
 
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
+def percent(value: float | None, digits: int = 0) -> str:
+    """A share as a percentage, "-" where there is none: 0.25 -> "25%" (the one percent
+    format of the CLI, the server and the reports)."""
+    return "-" if value is None else f"{value:.{digits}%}"
+
+
+def before_after(
+    before: float | None, after: float | None, arrow: str = " -> ", digits: int = 0
+) -> str:
+    """A share before and after a delta: "12% -> 40%" (``vsp inspect``, the flags; ``vsp
+    serve``'s start-up lines pass ``arrow="->"``)."""
+    return f"{percent(before, digits)}{arrow}{percent(after, digits)}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_safety_patch.delta.effect_review import percent
 from vllm_safety_patch.eval.effect_table import gap_closed
 from vllm_safety_patch.eval.judges import KEYWORDS
 from vllm_safety_patch.eval.results import ATTACK_SUCCESS, EvalResults, Figure
@@ -77,10 +78,6 @@ def gaps_closed(
     return shares
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.0f}%"
-
-
 def compare_markdown(label_a: str, label_b: str, a: EvalResults, b: EvalResults) -> str:
     rows = compare_runs(a, b)
     lines = [
@@ -96,7 +93,7 @@ def compare_markdown(label_a: str, label_b: str, a: EvalResults, b: EvalResults)
         mark = " *" if row.significant else ""
         lines.append(
             f"| {row.a.suite} | {row.a.metric} | {row.a.judge} | {row.a.lang} | "
-            f"{row.a.n}/{row.b.n} | {_percent(row.a.rate)} | {_percent(row.b.rate)} | "
+            f"{row.a.n}/{row.b.n} | {percent(row.a.rate)} | {percent(row.b.rate)} | "
             f"{100 * row.difference:+.0f} pp{mark} | {row.p_value:.3g} ({row.test}) |"
         )
     shares = gaps_closed(a, b)
@@ -104,7 +101,7 @@ def compare_markdown(label_a: str, label_b: str, a: EvalResults, b: EvalResults)
         lines += ["", "Share of each language's refusal gap to English closed:", ""]
         for suite, by_lang in shares.items():
             cells = ", ".join(
-                f"{lang} {'no gap' if share is None else _percent(share)}"
+                f"{lang} {'no gap' if share is None else percent(share)}"
                 for lang, share in by_lang.items()
             )
             lines.append(f"- {suite}: {cells}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vllm_safety_patch.delta.effect_review import percent
 from vllm_safety_patch.delta.io import Delta
 from vllm_safety_patch.eval.stats import wilson_interval
 
@@ -74,7 +75,7 @@ def effect_markdown(deltas: Sequence[Delta]) -> str:
                         if row is not None and english is not None
                         else None
                     )
-                    cells.append("" if share is None else f"{100 * share:.0f}%")
+                    cells.append("" if share is None else percent(share))
                 lines.append(f"| {delta.group} | " + " | ".join(cells) + " |")
         n = sorted({row.n for _, effect in rows for row in effect})
         lines += [

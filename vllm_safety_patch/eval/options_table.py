@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from vllm_safety_patch.delta.effect_review import percent
+
 LANGUAGES = ("en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv")
 
 
@@ -56,7 +58,7 @@ def options_table(lines: list[dict]) -> str:
             gap = english - base_h[lang]
             if gap > 0:
                 gaps.append((value - base_h[lang]) / gap)
-        closed = f"{100 * sum(gaps) / len(gaps):.0f}%" if gaps else "-"
+        closed = percent(sum(gaps) / len(gaps)) if gaps else "-"
         out.append(_line(name, "harmful", after_h, closed))
         out.append(_line(name, "everyday", after_b, ""))
         after_o = _figures(line["rows"], "other_language", "everyday", "after")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from vllm_safety_patch.delta.effect_review import percent
 from vllm_safety_patch.eval.results import ATTACK_SUCCESS, EvalResults, Figure
 from vllm_safety_patch.eval.scoring import MGSM_ACCURACY, OVER_REFUSAL, REFUSAL_RATE
 
@@ -18,7 +19,7 @@ def rate_cell(figure: Figure | None) -> str:
     """ "62% [48–74]" (rate and 95% Wilson interval, in percent)."""
     if figure is None:
         return ""
-    return f"{100 * figure.rate:.0f}% [{100 * figure.ci_low:.0f}–{100 * figure.ci_high:.0f}]"
+    return f"{percent(figure.rate)} [{100 * figure.ci_low:.0f}–{100 * figure.ci_high:.0f}]"
 
 
 def _section(results: EvalResults, metric: str) -> list[str]:
@@ -83,7 +84,7 @@ def report_markdown(results: EvalResults, extra: str = "") -> str:
             kappa = "n/a" if row.kappa is None else f"{row.kappa:.2f}"
             lines.append(
                 f"| {row.suite} | {row.lang} | {' vs '.join(row.judges)} | {row.n} | "
-                f"{100 * row.rate:.0f}% | {kappa} | {row.no_verdict} |"
+                f"{percent(row.rate)} | {kappa} | {row.no_verdict} |"
             )
         lines.append("")
     if extra:

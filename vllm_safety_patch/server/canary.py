@@ -38,6 +38,7 @@ from typing import Any
 
 from vllm_safety_patch import settings as vsp_settings
 from vllm_safety_patch.data import load_prompts, suite_languages
+from vllm_safety_patch.delta.effect_review import percent
 from vllm_safety_patch.delta.manifest import DeltaManifest
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.judge.refusal import is_refusal
@@ -367,7 +368,7 @@ def verdict(
 
 
 def _against(source: str, rate: float | None) -> str:
-    return source if rate is None else f"{source} {rate:.0%}"
+    return source if rate is None else f"{source} {percent(rate)}"
 
 
 def table(report: CanaryReport) -> str:
