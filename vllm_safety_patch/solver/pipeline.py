@@ -24,6 +24,7 @@ from vllm_safety_patch.delta.build import build_delta
 from vllm_safety_patch.delta.io import Delta, TensorEdit
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.models.checkpoint import Checkpoint
+from vllm_safety_patch.models.hf import load_causal_lm
 from vllm_safety_patch.solver.closed_form import LayerStatistics, LowRankUpdate, solve_layer
 from vllm_safety_patch.solver.input_edit import InputCollector, apply_rows
 from vllm_safety_patch.solver.layerwise import (
@@ -263,8 +264,6 @@ def solve(
     (a pass shared with 'all' would solve a group's layer 11 as if 'all' had edited layer 8,
     and the group's own layers would then overshoot). Without it one pass serves every group.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.perf_counter()
     unknown = [name for name in groups if name not in config.groups]
     if unknown:
@@ -274,9 +273,7 @@ def solve(
         )
     settings = config.solver
     checkpoint = Checkpoint(model_dir)
-    dtype = getattr(torch, settings.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model, tokenizer = load_causal_lm(Path(model_dir), settings.dtype)
     num_layers = len(decoder_layers(model))  # also refuses models without a gated MLP
     bad_layers = [layer for layer in settings.layers if layer >= num_layers]
     if bad_layers:
