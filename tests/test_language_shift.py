@@ -70,3 +70,17 @@ def test_a_language_without_everyday_twins_is_refused_with_the_fix() -> None:
         tables.statistics(["zh"], aligning=False, language_shift=1.0)
     assert "language_shift_removed = 0" in error.value.fix
     tables.statistics(["zh"], aligning=False)  # without the setting nothing is needed
+
+
+def test_a_per_language_share_replaces_the_common_one() -> None:
+    tables, rows = _tables(torch.Generator().manual_seed(2))
+    shares = {"zh": 1.0, "th": 0.0}  # th keeps its English target
+    expected = torch.zeros(D, K, dtype=torch.float64)
+    for lang, share in shares.items():
+        mean_shift = torch.stack([t for _, t in rows["aligned"][lang]]).mean(0)
+        for x, t in rows["pair"][lang]:
+            expected += (t - share * mean_shift).T @ x
+    stats = tables.statistics(
+        ["zh", "th"], aligning=False, language_shift=1.0, language_shifts={"th": 0.0}
+    )
+    assert torch.allclose(stats.target_cross, expected)

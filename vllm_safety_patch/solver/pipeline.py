@@ -446,6 +446,7 @@ def _solve_pass(
                 aligning,
                 unpaired=settings.unpaired_languages,
                 language_shift=settings.language_shift_removed,
+                language_shifts=settings.language_shifts,
                 push=(push or {}).get(layer),
                 scale=settings.target_scale,
             )
@@ -536,6 +537,7 @@ def _solve_cached(
                 aligning,
                 unpaired=settings.unpaired_languages,
                 language_shift=settings.language_shift_removed,
+                language_shifts=settings.language_shifts,
                 push=push.get(layer),
                 scale=settings.target_scale,
             )
@@ -672,6 +674,7 @@ def _input_layer(
                 target_map,
                 settings.unpaired_languages,
                 language_shift=settings.language_shift_removed,
+                language_shifts=settings.language_shifts,
                 scale=settings.target_scale,
             )
             if stats.pairs == 0:

@@ -104,6 +104,12 @@ class SolverSettings(BaseModel):
         "beyond being English (twin-residual targets otherwise teach the edit to answer in "
         "English)",
     )
+    language_shifts: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-language language_shift_removed, e.g. { bn = 0.0 }: a language whose "
+        "own refusal the edit cannot reach keeps its English target while the others keep "
+        "their language",
+    )
     target_scale: float = Field(
         default=1.0,
         gt=0,
@@ -163,6 +169,18 @@ class SolverSettings(BaseModel):
         if not value or len(set(value)) != len(value) or min(value) < 0:
             raise ValueError("layers must be distinct non-negative layer indices")
         return sorted(value)
+
+    @field_validator("language_shifts")
+    @classmethod
+    def _language_shifts(cls, value: dict[str, float]) -> dict[str, float]:
+        for code, share in value.items():
+            try:
+                check_language(code)
+            except DataError as error:
+                raise ValueError(f"language_shifts: {error}") from None
+            if not 0 <= share <= 1:
+                raise ValueError(f"language_shifts: {code} = {share} must be between 0 and 1")
+        return value
 
     @field_validator("decision_weights")
     @classmethod
@@ -279,7 +297,8 @@ class SolveConfig(BaseModel):
     def _shift_needs_everyday(self) -> SolveConfig:
         # The shift is measured on the everyday prompts' English twins: refuse before the
         # forward pass rather than after it.
-        if self.solver.language_shift_removed and not self.data.everyday_rows:
+        shifting = self.solver.language_shift_removed or any(self.solver.language_shifts.values())
+        if shifting and not self.data.everyday_rows:
             raise ValueError(
                 "language_shift_removed needs everyday prompts with English twins: set "
                 "[data] everyday_rows > 0, or language_shift_removed = 0"

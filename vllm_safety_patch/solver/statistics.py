@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -104,6 +104,7 @@ class PairTables:
         unpaired: Collection[str] = (),
         language_shift: float = 0.0,
         push: torch.Tensor | None = None,
+        language_shifts: Mapping[str, float] | None = None,
         scale: float = 1.0,
     ) -> LayerStatistics:
         """The group's statistics. English and each of ``languages`` get their own term in the
@@ -111,14 +112,16 @@ class PairTables:
         of held when ``aligning``. ``target_map`` (linear) turns stored target rows into the
         solved ones: ``T X^T`` becomes ``target_map @ T X^T``. ``language_shift`` (0-1) takes
         that share of each language's mean benign shift to English (its everyday prompts'
-        twin minus own, per position) out of its harmful pairs' targets; ``scale`` then
+        twin minus own, per position) out of its harmful pairs' targets (``language_shifts``:
+        per-language shares that replace it); ``scale`` then
         multiplies them. ``push`` ([p, d], already scaled) is added to every harmful pair's
         target at each position."""
         paired = [lang for lang in languages if lang not in unpaired]
         pair = Regression.merge([self.pair[lang] for lang in paired])
-        if language_shift and pair.cross is not None:
-            pair.cross = pair.cross - language_shift * sum(
-                self._language_shift_cross(lang) for lang in paired
+        shifts = {lang: (language_shifts or {}).get(lang, language_shift) for lang in paired}
+        if any(shifts.values()) and pair.cross is not None:
+            pair.cross = pair.cross - sum(
+                share * self._language_shift_cross(lang) for lang, share in shifts.items() if share
             )
         if scale != 1.0 and pair.cross is not None:
             pair.cross = scale * pair.cross

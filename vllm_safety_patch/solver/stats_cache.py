@@ -35,6 +35,7 @@ SOLVE_ONLY = (
     "benign_alignment",
     "unpaired_languages",
     "language_shift_removed",
+    "language_shifts",
     "target_scale",
     "refusal_push",  # its scale: the verdict sums it scales have their own entry
 )
