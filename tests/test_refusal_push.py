@@ -126,18 +126,17 @@ def test_each_prompt_is_read_as_if_alone_despite_left_padding(
         assert torch.allclose(table.refused_sum + table.answered_sum, expected, atol=1e-4)
 
 
+def config(**solver: object) -> SolveConfig:
+    return SolveConfig(
+        solver=one_layer().solver.model_copy(update=solver), data=TINY_DATA, groups={"all": GROUP}
+    )
+
+
 def test_a_push_solve_stores_the_verdicts_and_other_strengths_read_them(
     tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _judge_every_other(monkeypatch)
     cache = tmp_path / "stats"
-
-    def config(**solver: object) -> SolveConfig:
-        return SolveConfig(
-            solver=one_layer().solver.model_copy(update=solver),
-            data=TINY_DATA,
-            groups={"all": GROUP},
-        )
 
     plain = solve(tiny_qwen2, config(), ["all"], "tiny", stats_cache=cache)
     pushed = solve(tiny_qwen2, config(refusal_push=1.0), ["all"], "tiny", stats_cache=cache)
@@ -169,13 +168,6 @@ def test_a_target_scale_scales_the_update_and_solves_from_the_cache(
     tiny_qwen2: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "stats"
-
-    def config(**solver: object) -> SolveConfig:
-        return SolveConfig(
-            solver=one_layer().solver.model_copy(update=solver),
-            data=TINY_DATA,
-            groups={"all": GROUP},
-        )
 
     plain = solve(tiny_qwen2, config(), ["all"], "tiny", stats_cache=cache)
     doubled = solve(tiny_qwen2, config(target_scale=2.0), ["all"], "tiny", stats_cache=cache)

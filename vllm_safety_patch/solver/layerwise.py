@@ -62,21 +62,21 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def chat_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """One user turn chat-templated with the generation prompt, at most ``max_tokens`` long."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)[-max_tokens:]  # keep the end: the generation prompt decides the answer
+
+
 def tokenize_chats(
     tokenizer, prompts: Sequence[str], batch_size: int, max_tokens: int
 ) -> list[TokenBatch]:
     """Chat-template every prompt, sort by length (little padding), batch."""
-    encoded = []
-    for text in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        ids = list(ids)
-        if len(ids) > max_tokens:  # keep the end: the generation prompt decides the answer
-            ids = ids[-max_tokens:]
-        encoded.append(ids)
+    encoded = [chat_ids(tokenizer, text, max_tokens) for text in prompts]
     order = sorted(range(len(encoded)), key=lambda index: (len(encoded[index]), index))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []

@@ -23,6 +23,7 @@ import torch
 
 from vllm_safety_patch.errors import VSPError
 from vllm_safety_patch.judge.refusal import is_refusal
+from vllm_safety_patch.solver.layerwise import chat_ids
 from vllm_safety_patch.solver.prompts import SolvePrompt
 
 # Enough for the openings the judge knows in every language ("作为一个AI助手，我不能" needs
@@ -94,14 +95,7 @@ def pooled_direction(sums: dict[str, DecisionSums]) -> torch.Tensor:
 def _left_padded(
     tokenizer, texts: Sequence[str], max_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = []
-    for text in texts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        encoded.append(list(ids)[-max_tokens:])  # keep the end, as the solver's batches do
+    encoded = [chat_ids(tokenizer, text, max_tokens) for text in texts]
     width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
