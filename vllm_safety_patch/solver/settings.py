@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,20 @@ from pydantic import (
 from vllm_safety_patch.delta.manifest import GROUP_NAME
 from vllm_safety_patch.errors import DataError, VSPError
 from vllm_safety_patch.languages import check_language
+
+
+def _per_language(
+    field: str, value: dict[str, float], bound: str, within: Callable[[float], bool]
+) -> dict[str, float]:
+    """A per-language table's check: known language codes, each value ``within`` its bound."""
+    for code, number in value.items():
+        try:
+            check_language(code)
+        except DataError as error:
+            raise ValueError(f"{field}: {error}") from None
+        if not within(number):
+            raise ValueError(f"{field}: {code} = {number} must be {bound}")
+    return value
 
 
 class SolverSettings(BaseModel):
@@ -173,26 +188,12 @@ class SolverSettings(BaseModel):
     @field_validator("language_shifts")
     @classmethod
     def _language_shifts(cls, value: dict[str, float]) -> dict[str, float]:
-        for code, share in value.items():
-            try:
-                check_language(code)
-            except DataError as error:
-                raise ValueError(f"language_shifts: {error}") from None
-            if not 0 <= share <= 1:
-                raise ValueError(f"language_shifts: {code} = {share} must be between 0 and 1")
-        return value
+        return _per_language("language_shifts", value, "between 0 and 1", lambda v: 0 <= v <= 1)
 
     @field_validator("decision_weights")
     @classmethod
     def _decision_weights(cls, value: dict[str, float]) -> dict[str, float]:
-        for code, weight in value.items():
-            try:
-                check_language(code)
-            except DataError as error:
-                raise ValueError(f"decision_weights: {error}") from None
-            if weight < 0:
-                raise ValueError(f"decision_weights: {code} = {weight} must be >= 0")
-        return value
+        return _per_language("decision_weights", value, ">= 0", lambda v: v >= 0)
 
     @field_validator("unpaired_languages")
     @classmethod
