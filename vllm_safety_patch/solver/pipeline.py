@@ -230,6 +230,27 @@ class _LayerCollector(PairTables):
         self.direction = direction / direction.norm().clamp(min=1e-12)
 
 
+def _statistics(
+    tables: PairTables,
+    config: SolveConfig,
+    group: str,
+    push: torch.Tensor | None,
+    target_map: torch.Tensor | None = None,
+) -> LayerStatistics:
+    """One group's statistics with every target setting of ``config`` applied."""
+    settings = config.solver
+    return tables.statistics(
+        config.groups[group],
+        settings.benign_alignment > 0,
+        target_map,
+        settings.unpaired_languages,
+        language_shift=settings.language_shift_removed,
+        push=push,
+        language_shifts=settings.language_shifts,
+        scale=settings.target_scale,
+    )
+
+
 def _solve(stats: LayerStatistics, settings: SolverSettings) -> LowRankUpdate:
     return solve_layer(
         stats,
@@ -387,7 +408,6 @@ def _solve_pass(
     other_run.start()
     timings.forward_seconds += time.perf_counter() - tick
 
-    aligning = settings.benign_alignment > 0
     edits: dict[str, list[TensorEdit]] = {name: [] for name in groups}
     chosen: dict[int, torch.Tensor] = {}
     spectra: dict[str, dict[int | str, list[float]]] = {name: {} for name in groups}
@@ -441,15 +461,7 @@ def _solve_pass(
         chosen[layer] = neurons
         updates = {}
         for group in groups:
-            stats = collector.statistics(
-                config.groups[group],
-                aligning,
-                unpaired=settings.unpaired_languages,
-                language_shift=settings.language_shift_removed,
-                language_shifts=settings.language_shifts,
-                push=(push or {}).get(layer),
-                scale=settings.target_scale,
-            )
+            stats = _statistics(collector, config, group, (push or {}).get(layer))
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
             update = _solve(stats, settings)
@@ -521,7 +533,6 @@ def _solve_cached(
 ) -> dict[str, tuple[list[TensorEdit], dict[int, torch.Tensor], dict[int, list[float]]]]:
     """``_solve_pass`` from stored statistics: no forward pass."""
     settings = config.solver
-    aligning = settings.benign_alignment > 0
     edits: dict[str, list[TensorEdit]] = {name: [] for name in groups}
     chosen: dict[int, torch.Tensor] = {}
     spectra: dict[str, dict[int | str, list[float]]] = {name: {} for name in groups}
@@ -532,15 +543,7 @@ def _solve_cached(
         (name,) = _edited_tensors(settings, layer)
         shape = tuple(model.get_parameter(name).shape)
         for group in groups:
-            stats = tables.statistics(
-                config.groups[group],
-                aligning,
-                unpaired=settings.unpaired_languages,
-                language_shift=settings.language_shift_removed,
-                language_shifts=settings.language_shifts,
-                push=push.get(layer),
-                scale=settings.target_scale,
-            )
+            stats = _statistics(tables, config, group, push.get(layer))
             update = _solve(stats, settings)
             spectra[group][layer] = [round(float(v), 6) for v in update.singular_values[:64]]
             edits[group].append(
@@ -661,22 +664,13 @@ def _input_layer(
     english_run.run_layer(collector.observe_english, advance=False, site="mlp")
     neurons = collector.choose_neurons(settings.neurons_per_layer, settings.neuron_selection)
     other_run.run_layer(collector.observe_other, advance=False, site="mlp")
-    aligning = settings.benign_alignment > 0
     layer_edits: dict[str, list[TensorEdit]] = {group: [] for group in groups}
     for matrix in settings.input_matrices:
         module = getattr(mlp, matrix)
         weight = module.weight.detach().float()
         target_map = weight[neurons].double()  # [k, hidden]: input change -> pre-activation
         for group in groups:
-            stats = collector.statistics(
-                config.groups[group],
-                aligning,
-                target_map,
-                settings.unpaired_languages,
-                language_shift=settings.language_shift_removed,
-                language_shifts=settings.language_shifts,
-                scale=settings.target_scale,
-            )
+            stats = _statistics(collector, config, group, None, target_map)
             if stats.pairs == 0:
                 raise VSPError(f"group '{group}' has no paired data", "add languages with pairs")
             update = _solve(stats, settings)
